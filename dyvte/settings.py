@@ -1,0 +1,47 @@
+"""Defaults of every tunable, in one place."""
+
+from __future__ import annotations
+
+#: Engine-folder format written by this version (``manifest.json`` field ``schema_version``).
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+#: ONNX opset of exported graphs. 17 is the newest opset the TorchScript exporter and every
+#: TensorRT release we target (10.x, 11.x) agree on, and it has LayerNormalization.
+DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 14, 20
+
+#: Export precision of the graphs. float32 is what ONNX Runtime on CPU runs fastest and what
+#: validation against the PyTorch model is tightest for.
+DEFAULT_DTYPE = "float32"
+DTYPES = ("float32", "float16", "bfloat16")
+
+#: Candidate exit layers: every ``L // CANDIDATE_DIVISOR`` layers (7 candidates for L = 32:
+#: 4, 8, ..., 28). See README "Choosing candidates" for the measurement behind this default.
+CANDIDATE_DIVISOR = 8
+
+#: Limits recorded in the manifest; the runtime rejects requests beyond them, TensorRT
+#: profiles are derived from them.
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_INPUT_LEN = 2048
+DEFAULT_MAX_NEW_TOKENS = 512
+
+#: Gate decision threshold on p[exit] (0.5 = argmax, as in the paper).
+DEFAULT_GATE_THRESHOLD = 0.5
+DEFAULT_POLICY = "gate"
+
+#: Validation tolerances per export dtype: |ours - torch| <= atol + rtol * max|torch|.
+TOLERANCES = {
+    "float32": (1e-4, 1e-4),
+    "float16": (2e-2, 2e-2),
+    "bfloat16": (1e-1, 5e-2),
+}
+
+#: Generation defaults.
+DEFAULT_MAX_NEW_TOKENS_RUN = 64
+
+
+def default_candidates(num_layers: int) -> list[int]:
+    """Evenly spaced candidate exit layers in [1, L-1]."""
+    step = max(1, num_layers // CANDIDATE_DIVISOR)
+    return list(range(step, num_layers, step))

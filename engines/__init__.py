@@ -1,0 +1,1 @@
+"""Engine folders: manifest, files, TensorRT plans and lint (``dyvte.engines``)."""

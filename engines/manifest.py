@@ -1,0 +1,191 @@
+"""``manifest.json``: what an engine folder holds and how to run it.
+
+The manifest lists every part (ONNX graph, weights, I/O with named axes), the decoder segments
+in order, the candidate exit layers, the gates, the model facts the runtime needs, limits, tool
+versions and a checksum of every file. :meth:`Manifest.load` refuses folders that are missing
+files, corrupted, of another schema version, or whose paths point outside the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte.errors import EngineFolderError
+from dyvte.settings import MANIFEST_NAME, SCHEMA_VERSION
+
+from .files import inside, sha256_file
+
+FORMAT = "dyvte-engine-folder"
+
+
+@dataclass
+class PartInfo:
+    name: str
+    kind: str
+    onnx: str  # path relative to the folder
+    inputs: list[dict]
+    outputs: list[dict]
+    info: dict
+    aliases: dict  # module parameter name -> initializer name (deduplicated by the exporter)
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> "PartInfo":
+        return cls(name, d["kind"], d["onnx"], d["inputs"], d["outputs"], d.get("info", {}), d.get("aliases", {}))
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "onnx": self.onnx,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "info": self.info,
+            "aliases": self.aliases,
+        }
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        a, b = self.info["layers"]
+        return int(a), int(b)
+
+
+class Manifest:
+    """A parsed, checked ``manifest.json`` of the engine folder ``root``."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root = Path(root)
+        self.data = data
+        self.parts = {n: PartInfo.from_dict(n, d) for n, d in data["parts"].items()}
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def text(self) -> dict:
+        return self.data["text"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.data["text"]["num_layers"])
+
+    @property
+    def candidates(self) -> list[int]:
+        return [int(c) for c in self.data["candidates"]]
+
+    @property
+    def limits(self) -> dict:
+        return self.data["limits"]
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def segments(self) -> list[PartInfo]:
+        return [self.parts[n] for n in self.data["segments"]]
+
+    @property
+    def gate(self) -> PartInfo | None:
+        return self.parts.get("gate")
+
+    @property
+    def gate_layers(self) -> list[int]:
+        return [int(k) for k in self.gate.info["layers"]] if self.gate else []
+
+    @property
+    def calibration(self) -> dict:
+        return self.data.get("calibration", {})
+
+    def path(self, rel: str) -> Path:
+        """Absolute path of a file named in the manifest (always inside the folder)."""
+        return inside(self.root, rel)
+
+    # -- I/O -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Manifest":
+        root = Path(root)
+        if not root.is_dir():
+            raise EngineFolderError(f"engine folder {root} does not exist; create it with `dyvte-export --out {root}`")
+        mpath = root / MANIFEST_NAME
+        if not mpath.is_file():
+            partial = root.with_name(root.name + ".partial")
+            hint = f" (an interrupted export is in {partial}; re-run the same dyvte-export to resume)" if partial.exists() else ""
+            raise EngineFolderError(f"{root} has no {MANIFEST_NAME}: not a complete dyvte engine folder{hint}; re-export it")
+        try:
+            data = json.loads(mpath.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EngineFolderError(f"{mpath} is not valid JSON ({exc}); re-export the folder") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise EngineFolderError(f"{mpath} is not a dyvte manifest; re-export the folder with dyvte-export")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise EngineFolderError(
+                f"{root} was written with manifest schema {data.get('schema_version')}, this dyvte reads "
+                f"schema {SCHEMA_VERSION}; re-export it with this version"
+            )
+        try:
+            manifest = cls(root, data)
+            manifest.check_structure()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineFolderError(f"{mpath} is malformed (missing or bad field {exc}); re-export the folder") from None
+        manifest.check_files(hash_files=verify)
+        return manifest
+
+    def check_structure(self) -> None:
+        for name in self.data["segments"]:
+            if name not in self.parts:
+                raise KeyError(f"segments/{name}")
+        for req in ("vision", "embed", "head"):
+            if req not in self.parts:
+                raise KeyError(f"parts/{req}")
+        bounds = [0, *self.candidates, self.num_layers]
+        got = [self.parts[n].layers for n in self.data["segments"]]
+        if got != list(zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"segments {got} do not match candidates {self.candidates}")
+        for rel in self.data["files"]:
+            self.path(rel)
+
+    def check_files(self, hash_files: bool = True) -> None:
+        """Every listed file exists with its size (and sha256 when ``hash_files``)."""
+        for rel, meta in self.data["files"].items():
+            p = self.path(rel)
+            if not p.is_file():
+                raise EngineFolderError(f"{self.root} is missing {rel}; the folder is incomplete, re-export it")
+            if p.stat().st_size != meta["size"]:
+                raise EngineFolderError(
+                    f"{rel} in {self.root} has {p.stat().st_size} bytes, the manifest says {meta['size']}: "
+                    "the file is corrupted or truncated; re-export the folder"
+                )
+            if hash_files and sha256_file(p) != meta["sha256"]:
+                raise EngineFolderError(
+                    f"{rel} in {self.root} fails its sha256 checksum: the file is corrupted; re-export the folder"
+                )
+
+    def summary(self) -> str:
+        """A human-readable description (``dyvte inspect``)."""
+        m, t = self.model, self.text
+        lines = [
+            f"engine folder  {self.root}",
+            f"model          {m['source']}  ({t['num_layers']} layers, d={t['hidden_size']}, "
+            f"heads {t['num_heads']}/{t['num_kv_heads']} kv, vocab {t['vocab_size']})",
+            f"vision         {m['vision_model_type']}, image {m['image_shape']}, {m['num_visual_tokens']} visual tokens",
+            f"dtype / opset  {self.dtype} / {self.data['opset']}",
+            f"candidates     {self.candidates}",
+            f"gates          {'layers ' + str(self.gate_layers) if self.gate else 'none (policy gate unavailable)'}",
+            f"limits         {self.limits}",
+        ]
+        cal = self.calibration.get("vtw")
+        if cal:
+            lines.append(f"vtw            exit layer {cal['exit_layer']} (eta={cal['eta']}, n={cal['samples']})")
+        lines.append("parts:")
+        sizes = {rel: meta["size"] for rel, meta in self.data["files"].items()}
+        for name, part in self.parts.items():
+            size = sum(s for rel, s in sizes.items() if rel.startswith(part.onnx))
+            extra = f" layers [{part.info['layers'][0]}, {part.info['layers'][1]})" if part.kind == "segment" else ""
+            err = self.data.get("validation", {}).get(name, {}).get("max_abs_err")
+            val = f"  max|err| vs torch {err:.2e}" if err is not None else ""
+            lines.append(f"  {name:<11} {part.kind:<8}{extra:<18} {size / 1e6:9.2f} MB{val}")
+        lines.append("versions       " + ", ".join(f"{k} {v}" for k, v in self.data["versions"].items()))
+        return "\n".join(lines)

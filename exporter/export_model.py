@@ -1,0 +1,426 @@
+"""HF LLaVA -> engine folder: ONNX parts, manifest, processor, gates.
+
+The export is staged in ``<out>.partial/`` and moved to ``<out>`` only when complete, so a
+folder at ``<out>`` is always whole. Every finished part is recorded in the staging folder's
+``export-state.json`` with a key (model, dtype, opset, layers, gates); re-running the same
+command after an interruption skips the parts whose key and files still match and redoes the
+rest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dyvte import __version__
+from dyvte.engines.files import save_onnx, sha256_file, write_json
+from dyvte.engines.manifest import FORMAT, Manifest
+from dyvte.errors import DyvteError, ExportError, InputError
+from dyvte.settings import (
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_INPUT_LEN,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_OPSET,
+    DTYPES,
+    MANIFEST_NAME,
+    MAX_OPSET,
+    MIN_OPSET,
+    SCHEMA_VERSION,
+    default_candidates,
+)
+
+from . import hf
+from . import parts as P
+from .modules import GateBank
+from .validate import validate
+
+STATE_NAME = "export-state.json"
+
+
+@dataclass
+class ExportSettings:
+    """Everything ``dyvte-export`` takes (the CLI maps its options one-to-one onto this)."""
+
+    out: Path
+    model: str | None = None  # folder, preset or repo id; None = embedded demo model
+    candidates: list[int] | None = None  # None = settings.default_candidates(L)
+    gates: Path | None = None
+    opset: int = DEFAULT_OPSET
+    dtype: str = DEFAULT_DTYPE
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_input_len: int | None = None  # None: min(2048, max_position_embeddings - max_new_tokens)
+    max_new_tokens: int | None = None  # None: min(512, max_position_embeddings // 4)
+    validate: bool = True
+    overwrite: bool = False
+    progress: bool = True
+    log: object = field(default=None, repr=False)  # callable(str) for status lines
+
+
+def _versions(opset: int) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "dyvte": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": opset,
+    }
+
+
+def _digest(*items) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_fingerprint(model_dir: Path) -> str:
+    """Identity of a checkpoint: config bytes + weight file names, sizes and mtimes."""
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors"))
+    return _digest((model_dir / "config.json").read_bytes().decode(errors="replace"), weights)
+
+
+def check_candidates(candidates: list[int], num_layers: int) -> list[int]:
+    cands = sorted(set(int(c) for c in candidates))
+    bad = [c for c in cands if not 1 <= c <= num_layers - 1]
+    if bad or not cands and num_layers > 1 and candidates:
+        raise InputError(f"candidate layers {bad} are outside [1, {num_layers - 1}] for a {num_layers}-layer model")
+    return cands
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST_NAME).is_file():
+            raise InputError(f"--out {out} is a non-empty folder that is not a dyvte engine folder; choose another path")
+        if not overwrite:
+            raise InputError(f"engine folder {out} already exists; pass --overwrite to replace it")
+
+
+class _State:
+    """``export-state.json`` in the staging folder: which parts are done, with what key."""
+
+    def __init__(self, staging: Path):
+        self.path = staging / STATE_NAME
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        self.data.setdefault("parts", {})
+
+    def done(self, name: str, key: str, root: Path) -> dict | None:
+        rec = self.data["parts"].get(name)
+        if not rec or rec.get("key") != key:
+            return None
+        for rel, meta in rec["files"].items():
+            p = root / rel
+            if not p.is_file() or p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
+                return None
+        return rec
+
+    def record(self, name: str, rec: dict) -> None:
+        self.data["parts"][name] = rec
+        write_json(self.path, self.data)
+
+
+def _file_meta(root: Path, paths) -> dict:
+    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+
+
+def _aliases(module, onnx_model) -> tuple[dict, list]:
+    """Map module tensors the exporter deduplicated to the initializer holding their value."""
+    import torch
+    from onnx import numpy_helper
+
+    names = {i.name for i in onnx_model.graph.initializer}
+    state = module.state_dict()
+    missing = [n for n in state if n not in names]
+    if not missing:
+        return {}, []
+
+    def key(t):
+        return (tuple(t.shape), hashlib.sha1(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+
+    by_value = {}
+    for init in onnx_model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        by_value.setdefault((tuple(arr.shape), hashlib.sha1(arr.tobytes()).hexdigest()), init.name)
+    aliases, unused = {}, []
+    for n in missing:
+        target = by_value.get(key(state[n].detach().cpu()))
+        if target is None:
+            unused.append(n)
+        else:
+            aliases[n] = target
+    return aliases, unused
+
+
+def _export_onnx(part, path: Path, opset: int):
+    """Trace ``part.module`` to ONNX (TorchScript exporter) and save it with external data.
+
+    Returns the written files and the parameter aliases (see :func:`_aliases`).
+    """
+    import tempfile
+
+    import onnx
+    import torch
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                part.module,
+                part.example,
+                str(raw),
+                dynamo=False,
+                input_names=[t.name for t in part.inputs],
+                output_names=[t.name for t in part.outputs],
+                dynamic_axes=part.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=False,  # keeps initializers named like the module's parameters
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+    model.producer_name, model.producer_version = "dyvte", __version__
+    aliases, unused = _aliases(part.module, model)
+    return save_onnx(model, path), aliases, unused
+
+
+def _session_runner(path: Path):
+    import torch
+
+    from dyvte.runtime.backends.onnxruntime import create_session
+
+    sess = create_session(path)
+
+    def run(feeds):
+        arrays = {k: v.detach().contiguous().numpy() for k, v in feeds.items()}
+        return [torch.from_numpy(o) for o in sess.run(None, arrays)]
+
+    return run
+
+
+def export(settings: ExportSettings) -> Path:
+    """Export a LLaVA checkpoint to an engine folder; returns the folder path."""
+    from tqdm.auto import tqdm
+
+    from dyvte.models import load_config, locate_model
+
+    log = settings.log or (lambda msg: None)
+    out = Path(settings.out).expanduser()
+    if settings.dtype not in DTYPES:
+        raise InputError(f"--dtype {settings.dtype} is not one of {', '.join(DTYPES)}")
+    if not MIN_OPSET <= settings.opset <= MAX_OPSET:
+        raise InputError(f"--opset {settings.opset} is outside the supported range {MIN_OPSET}-{MAX_OPSET}")
+    for name in ("max_batch", "max_input_len", "max_new_tokens"):
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_out(out, settings.overwrite)
+
+    model_dir = locate_model(settings.model)
+    config = load_config(model_dir)
+    L = config.text_config.num_hidden_layers
+    max_pos = config.text_config.max_position_embeddings
+    max_new = settings.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, max_pos // 4)
+    max_input = settings.max_input_len or min(DEFAULT_MAX_INPUT_LEN, max_pos - max_new)
+    if max_input + max_new > max_pos:
+        raise InputError(
+            f"--max-input-len + --max-new-tokens = {max_input + max_new} exceeds the model's "
+            f"max_position_embeddings ({max_pos}); lower them"
+        )
+    candidates = check_candidates(settings.candidates if settings.candidates is not None else default_candidates(L), L)
+    gates = None
+    if settings.gates is not None:
+        from dyvte.gates import load_gates
+
+        gates = load_gates(settings.gates, candidates, config.text_config.hidden_size)
+
+    staging = out.with_name(out.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "onnx").mkdir(exist_ok=True)
+    state = _State(staging)
+    base = _digest(SCHEMA_VERSION, __version__, _model_fingerprint(model_dir), settings.dtype, settings.opset)
+    bounds = [0, *candidates, L]
+    plan = [("vision", ()), ("embed", ()), *((f"segment_{i}", (a, b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))]
+    gates_digest = sha256_file(Path(settings.gates)) if gates else None
+    if gates:
+        plan.append(("gate", tuple(candidates)))
+    plan.append(("head", ()))
+    keys = {name: _digest(base, name, extra, gates_digest if name == "gate" else None) for name, extra in plan}
+    records = {name: state.done(name, keys[name], staging) for name, _ in plan}
+    pending = [name for name, _ in plan if records[name] is None]
+    if len(pending) < len(plan):
+        log(f"resuming the export in {staging}: {len(plan) - len(pending)} of {len(plan)} parts already done")
+
+    import torch
+
+    from dyvte.models import load_model, load_processor
+
+    processor = load_processor(model_dir)
+    model = None
+    if pending:
+        log(f"loading {model_dir}")
+        model = load_model(model_dir, "float32" if settings.dtype == "float32" else settings.dtype)
+    tdt = getattr(torch, settings.dtype)
+    spec = hf.text_spec(model) if model is not None else None
+    vision_meta = None
+    bar = tqdm(total=len(plan), desc="export", unit="part", disable=not settings.progress, initial=len(plan) - len(pending))
+    try:
+        for name, extra in plan:
+            if records[name] is not None:
+                continue
+            bar.set_postfix_str(name)
+            if name == "vision":
+                module = hf.vision_from_hf(model, tdt)
+                shape = hf.image_shape(processor, config)
+                with torch.no_grad():
+                    n_vis = module(torch.zeros(1, *shape)).shape[1]
+                part = P.vision_part(module, shape, n_vis, spec.hidden_size, settings.dtype)
+                vision_meta = {"image_shape": list(shape), "num_visual_tokens": int(n_vis),
+                               "vision_layers": int(module.tower.config.num_hidden_layers),
+                               "feature_layers": module.feature_layers}
+            elif name == "embed":
+                part = P.embed_part(hf.embed_from_hf(model, spec, tdt), settings.dtype)
+            elif name == "head":
+                part = P.head_part(hf.head_from_hf(model, spec, tdt), settings.dtype)
+            elif name == "gate":
+                bank = GateBank.from_gates(gates, candidates).eval()
+                part = P.gate_part(bank, candidates, settings.dtype)
+            else:
+                index = int(name.split("_")[1])
+                part = P.segment_part(index, hf.segment_from_hf(model, spec, *extra, tdt), settings.dtype)
+            path = staging / "onnx" / f"{name}.onnx"
+            try:
+                written, aliases, unused = _export_onnx(part, path, settings.opset)
+            except DyvteError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"exporting {name} to ONNX failed: {str(exc).splitlines()[0][:300]}") from exc
+            err = validate(part, _session_runner(path), model, settings.dtype, gates) if settings.validate else None
+            rec = {
+                "key": keys[name],
+                "files": _file_meta(staging, written),
+                "part": {
+                    "kind": part.kind,
+                    "onnx": f"onnx/{name}.onnx",
+                    "inputs": [t.to_dict() for t in part.inputs],
+                    "outputs": [t.to_dict() for t in part.outputs],
+                    "info": {**part.info, **({"unused": unused} if unused else {})},
+                    "aliases": aliases,
+                },
+                "max_abs_err": err,
+            }
+            if vision_meta and name == "vision":
+                rec["vision"] = vision_meta
+            rec["text"] = spec.to_dict()
+            state.record(name, rec)
+            records[name] = rec
+            bar.update(1)
+    finally:
+        bar.close()
+
+    # processor, config, gates, manifest -----------------------------------------------------
+    proc_dir = staging / "processor"
+    if proc_dir.exists():
+        shutil.rmtree(proc_dir)
+    processor.save_pretrained(proc_dir)
+    shutil.copyfile(model_dir / "config.json", staging / "hf_config.json")
+    gates_file = staging / "gates.safetensors"
+    if gates:
+        shutil.copyfile(settings.gates, gates_file)
+    else:
+        gates_file.unlink(missing_ok=True)
+    wanted = {f"onnx/{name}.onnx" for name, _ in plan} | {f"onnx/{name}.onnx.data" for name, _ in plan}
+    for p in (staging / "onnx").iterdir():  # parts of an earlier, different plan
+        if f"onnx/{p.name}" not in wanted:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    text = records["head"]["text"]
+    vision = records["vision"]["vision"]
+    manifest = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": settings.dtype,
+        "opset": settings.opset,
+        "model": {
+            "source": str(settings.model) if settings.model else "dyvte demo model (embedded)",
+            "fingerprint": _model_fingerprint(model_dir),
+            "model_type": config.model_type,
+            "text_model_type": config.text_config.model_type,
+            "vision_model_type": config.vision_config.model_type,
+            "image_token_id": int(config.image_token_id),
+            "pad_token_id": _pad_id(config, processor),
+            "eos_token_ids": _eos_ids(model_dir, config),
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            **vision,
+        },
+        "text": text,
+        "candidates": candidates,
+        "limits": {
+            "max_batch": settings.max_batch,
+            "max_input_len": max_input,
+            "max_new_tokens": max_new,
+        },
+        "segments": [name for name, _ in plan if name.startswith("segment_")],
+        "parts": {name: records[name]["part"] for name, _ in plan},
+        "gates": {"file": "gates.safetensors", "layers": candidates} if gates else None,
+        "processor": "processor",
+        "hf_config": "hf_config.json",
+        "validation": {name: {"max_abs_err": records[name]["max_abs_err"]} for name, _ in plan},
+        "versions": _versions(settings.opset),
+    }
+    files = [p for p in staging.rglob("*") if p.is_file() and p.name not in (STATE_NAME, MANIFEST_NAME)]
+    manifest["files"] = _file_meta(staging, sorted(files))
+    write_json(staging / MANIFEST_NAME, manifest)
+    Manifest.load(staging, verify=False)  # the manifest we wrote must parse
+    (staging / STATE_NAME).unlink(missing_ok=True)
+    _swap_into_place(staging, out)
+    log(f"wrote {out}")
+    return out
+
+
+def _pad_id(config, processor) -> int:
+    pad = getattr(processor.tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = config.text_config.pad_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _eos_ids(model_dir: Path, config) -> list[int]:
+    eos = None
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except ValueError:
+            eos = None
+    if eos is None:
+        eos = config.text_config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out``, replacing an old engine folder last."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

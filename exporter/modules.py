@@ -1,0 +1,282 @@
+"""The computations dyvte exports, as small torch modules.
+
+These modules are the single definition of every exported part: the exporter traces them to
+ONNX, and the torch backend runs them directly. Parameter names follow the Hugging Face
+checkpoint (``layers.3.input_layernorm.weight``, ``norm.weight``, ...) except two fused
+projections: ``self_attn.qkv_proj`` (q, k, v stacked on the output axis) and
+``mlp.gate_up_proj`` (gate, up), one GEMM each instead of three and two (see
+:func:`layer_state_from_hf`).
+
+A decoder segment runs layers [start, end) of the text model on any token sequence (full or
+text-only, prefill or decode) with an explicit KV cache:
+
+    hidden_states [B,S,D], position_ids [B,S], attention_mask [B,P+S], past.{i}.key/value [B,Hkv,P,hd]
+    -> hidden_states_out [B,S,D], present.{i}.key/value [B,Hkv,P+S,hd]
+
+Attention is plain MatMul/Softmax (no If/Loop, no ONNX Attention op); the causal part of the
+mask is built inside from P = T - S; RMSNorm and softmax run in float32 whatever the dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Shape and options of the text decoder, enough to rebuild every text-side module."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    hidden_act: str
+    rope_dim: int  # rotary dims (head_dim unless partial rotary)
+    attention_scaling: float  # RoPE cos/sin scale (1.0 except for yarn/longrope-style types)
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    max_position_embeddings: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TextSpec":
+        return cls(**data)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm, computed in float32 (as Hugging Face does)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _act(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        d, h, hkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
+        self.scaling = hd**-0.5
+        self.qkv_proj = nn.Linear(d, (h + 2 * hkv) * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+
+    def forward(self, x, cos, sin, bias, past_key, past_value):
+        # x: [B,S,D]; cos/sin: [B,1,S,hd]; bias: [B,1,1,S,T] float32; past: [B,Hkv,P,hd]
+        B, S = x.shape[0], x.shape[1]
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q = q.reshape(B, S, h, hd).transpose(1, 2)  # [B,H,S,hd]
+        k = k.reshape(B, S, hkv, hd).transpose(1, 2)  # [B,Hkv,S,hd]
+        v = v.reshape(B, S, hkv, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        key = torch.cat([past_key, k], dim=2)  # [B,Hkv,T,hd]
+        value = torch.cat([past_value, v], dim=2)
+        T, g = key.shape[2], h // hkv
+        # Grouped-query attention without repeating K/V: query heads of one KV head share a row block.
+        qg = q.reshape(B, hkv, g * S, hd)  # head j*g+i -> group j
+        scores = torch.matmul(qg, key.transpose(2, 3)) * self.scaling  # [B,Hkv,g*S,T]
+        scores = scores.view(B, hkv, g, S, T).float() + bias  # [B,Hkv,g,S,T] float32
+        probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, hkv, g * S, T)
+        out = torch.matmul(probs, value)  # [B,Hkv,g*S,hd]
+        out = out.view(B, h, S, hd).transpose(1, 2).reshape(B, S, h * hd)
+        return self.o_proj(out), key, value
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        d, m = spec.hidden_size, spec.intermediate_size
+        self.gate_up_proj = nn.Linear(d, 2 * m, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(m, d, bias=spec.mlp_bias)
+        self.act_fn = _act(spec.hidden_act)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def layer_state_from_hf(state: dict) -> dict:
+    """A Hugging Face decoder layer's state dict in this module's layout (fused projections)."""
+    out = dict(state)
+    for kind in ("weight", "bias"):
+        qkv = [out.pop(f"self_attn.{p}_proj.{kind}", None) for p in "qkv"]
+        if qkv[0] is not None:
+            out[f"self_attn.qkv_proj.{kind}"] = torch.cat(qkv, dim=0)
+        gu = [out.pop(f"mlp.{p}_proj.{kind}", None) for p in ("gate", "up")]
+        if gu[0] is not None:
+            out[f"mlp.gate_up_proj.{kind}"] = torch.cat(gu, dim=0)
+    return out
+
+
+class DecoderLayer(nn.Module):
+    """A pre-norm Llama-family decoder layer (HF names, fused qkv and gate/up projections)."""
+
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, bias, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_key, past_value)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, key, value
+
+
+def attention_bias(attention_mask: torch.Tensor, query_len) -> torch.Tensor:
+    """Additive float32 mask [B,1,1,S,T] from key padding [B,T]; causal over cache order.
+
+    Query s sits at cache index T - S + s and sees keys j <= that index whose mask is 1.
+    A fully masked row (a left-padding query) gets equal scores, never NaN.
+    """
+    T = attention_mask.shape[1]
+    dev = attention_mask.device
+    q_idx = torch.arange(query_len, device=dev) + (T - query_len)  # [S]
+    k_idx = torch.arange(T, device=dev)  # [T]
+    allowed = (k_idx[None, :] <= q_idx[:, None])[None] & attention_mask[:, None, :].bool()  # [B,S,T]
+    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    return bias[:, None, None]
+
+
+class DecoderSegment(nn.Module):
+    """Decoder layers [start, end) with KV cache in and out (see module docstring)."""
+
+    def __init__(self, spec: TextSpec, start: int, end: int, inv_freq: torch.Tensor | None = None):
+        super().__init__()
+        self.spec, self.start, self.end = spec, start, end
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(spec) for i in range(start, end)})
+        if inv_freq is None:
+            inv_freq = torch.zeros(spec.rope_dim // 2)
+        self.register_buffer("inv_freq", inv_freq.float().clone())
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: [B,S] -> cos/sin [B,1,S,hd]
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B,S,hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scale = self.spec.attention_scaling
+        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+
+    def forward(self, hidden_states, position_ids, attention_mask, *past):
+        cos, sin = self.rope(position_ids, hidden_states.dtype)
+        bias = attention_bias(attention_mask, hidden_states.shape[1])
+        x, present = hidden_states, []
+        for i, layer in enumerate(self.layers.values()):
+            x, key, value = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            present += [key, value]
+        return (x, *present)
+
+
+class Embed(nn.Module):
+    """Token embeddings: input_ids [B,S] -> [B,S,D]."""
+
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+class Head(nn.Module):
+    """Final RMSNorm + lm_head: hidden [B,S,D] -> float32 logits [B,S,V]."""
+
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def forward(self, hidden_states):
+        return self.lm_head(self.norm(hidden_states)).float()
+
+
+class GateBank(nn.Module):
+    """The DyVTE gates of every candidate layer in one module (paper Eq. 1).
+
+    hidden_states [B,S,D] (input of the candidate layer, left-padded so the last prompt token
+    is at S-1), text_mask [B,S] (1 on text tokens before the last one), gate_index [] (which
+    candidate) -> probs [B,2] float32, class 1 = exit.
+    """
+
+    def __init__(self, num_gates: int, hidden: int, model_dim: int):
+        super().__init__()
+        self.fc1 = nn.Parameter(torch.zeros(num_gates, hidden, 2 * model_dim))
+        self.fc2 = nn.Parameter(torch.zeros(num_gates, 2, hidden))
+
+    def forward(self, hidden_states, text_mask, gate_index):
+        h = hidden_states.float()
+        last = h[:, -1]  # [B,D]
+        m = text_mask.float()[..., None]  # [B,S,1]
+        n = m.sum(1)  # [B,1]
+        mean = (h * m).sum(1) / n.clamp(min=1.0)
+        mean = torch.where(n > 0, mean, last)  # one text token: both halves are that token
+        feats = torch.cat([mean, last], dim=-1)  # [B,2D]
+        w1 = self.fc1.float()[gate_index]  # [h,2D]
+        w2 = self.fc2.float()[gate_index]  # [2,h]
+        hidden = nn.functional.gelu(feats @ w1.t())  # exact (erf) GELU
+        return torch.softmax(hidden @ w2.t(), dim=-1)
+
+    @classmethod
+    def from_gates(cls, gates: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: list[int]):
+        """Stack per-layer (fc1 [h,2d], fc2 [2,h]) weights; smaller h are zero-padded (exact)."""
+        hid = max(gates[k][0].shape[0] for k in layers)
+        dim2 = gates[layers[0]][0].shape[1]
+        bank = cls(len(layers), hid, dim2 // 2)
+        with torch.no_grad():
+            for i, k in enumerate(layers):
+                w1, w2 = gates[k]
+                bank.fc1[i, : w1.shape[0]] = w1.float()
+                bank.fc2[i, :, : w2.shape[1]] = w2.float()
+        return bank
+
+
+class VisionEncoder(nn.Module):
+    """Vision tower + projector: pixel_values [N,3,H,W] -> projected features [N,V,D].
+
+    ``tower`` is the Hugging Face vision model truncated to the deepest layer the features
+    come from; ``feature_layers`` are absolute hidden-state indices (0 = embeddings).
+    """
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, feature_layers: list[int], strategy: str):
+        super().__init__()
+        self.tower, self.projector = tower, projector
+        self.feature_layers, self.strategy = list(feature_layers), strategy
+
+    def forward(self, pixel_values):
+        dtype = next(self.projector.parameters()).dtype
+        out = self.tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        feats = [out.hidden_states[i] for i in self.feature_layers]
+        if self.strategy == "default":
+            feats = [f[:, 1:] for f in feats]  # drop CLS
+        feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        return self.projector(feats)

@@ -1,0 +1,172 @@
+"""Check every exported part against the Hugging Face PyTorch model.
+
+The reference side never uses dyvte's modules: decoder segments are compared with the HF
+decoder layers (HF rotary embeddings, eager attention, a plain list cache), vision with
+``get_image_features``, the head with HF's norm + lm_head, the gate with Eq. 1 in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dyvte.errors import ValidationError
+from dyvte.settings import TOLERANCES
+
+from . import hf
+
+
+def compare(part: str, output: str, ours, ref, dtype: str, keep=None) -> float:
+    """Max abs error of ``ours`` vs ``ref`` (rows where ``keep`` is true); raises when too large."""
+    ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()
+    if ours.shape != ref.shape:
+        raise ValidationError(f"{part}: output {output} has shape {tuple(ours.shape)}, PyTorch gives {tuple(ref.shape)}")
+    if keep is not None:
+        ours, ref = ours[keep], ref[keep]
+    if not torch.isfinite(ours).all():
+        raise ValidationError(f"{part}: output {output} has NaN/inf where PyTorch is finite; re-export in float32")
+    err = float((ours - ref).abs().max()) if ours.numel() else 0.0
+    atol, rtol = TOLERANCES[dtype]
+    tol = atol + rtol * float(ref.abs().max() if ref.numel() else 0.0)
+    if err > tol:
+        raise ValidationError(
+            f"{part}: output {output} differs from PyTorch by {err:.3g} (tolerance {tol:.3g} for {dtype}); "
+            "the exported graph is wrong for this model: please report it with the model config"
+        )
+    return err
+
+
+class _ListCache:
+    """The minimal cache interface HF attention calls: update(k, v, layer_idx)."""
+
+    def __init__(self, past: dict):
+        self.past, self.present = past, {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        pk, pv = self.past[layer_idx]
+        k, v = torch.cat([pk, key], 2), torch.cat([pv, value], 2)
+        self.present[layer_idx] = (k, v)
+        return k, v
+
+
+def hf_segment(layers: dict, rotary_emb, hidden, position_ids, attention_mask, past):
+    """HF decoder layers {index: layer} with a key-padding + causal mask and a list cache."""
+    B, S, _ = hidden.shape
+    T = attention_mask.shape[1]
+    q = torch.arange(S) + (T - S)
+    allowed = (torch.arange(T)[None, :] <= q[:, None])[None] & attention_mask.bool()[:, None, :]
+    mask = torch.zeros(B, 1, S, T, dtype=hidden.dtype).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
+    cos_sin = rotary_emb(hidden, position_ids)
+    cache = _ListCache(past)
+    x = hidden
+    for i, layer in layers.items():
+        x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                  use_cache=True, position_embeddings=cos_sin)
+        x = x[0] if isinstance(x, tuple) else x
+    return x, cache.present
+
+
+def _f32(module):
+    """The module itself when float32, else a float32 copy (references stay in float32)."""
+    return module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
+
+
+def _segment_cases(spec, dtype):
+    g = torch.Generator().manual_seed(0)
+    hkv, hd, d = spec.num_kv_heads, spec.head_dim, spec.hidden_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    # prefill with left padding, decode after a cache, text-only with gapped positions
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[1, :2] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    yield "prefill", rand(2, 7, d), pos, mask, 0
+    yield "decode", rand(2, 1, d), torch.tensor([[9], [7]]), torch.ones(2, 10, dtype=torch.int64), 9
+    yield "gapped", rand(1, 5, d), torch.tensor([[0, 1, 2, 30, 31]]), torch.ones(1, 5, dtype=torch.int64), 0
+
+
+def validate_segment(part, session_run, model, dtype: str) -> float:
+    start, end = part.info["layers"]
+    spec = part.module.spec
+    lm = hf.text_model(model)
+    layers = {i: _f32(lm.layers[i]) for i in range(start, end)}
+    rotary = copy.deepcopy(lm.rotary_emb).float()
+    tdt = getattr(torch, dtype)
+    worst = 0.0
+    for case, hidden, pos, mask, P in _segment_cases(spec, dtype):
+        g = torch.Generator().manual_seed(P + 1)
+        past = {
+            i: tuple(torch.randn(hidden.shape[0], spec.num_kv_heads, P, spec.head_dim, generator=g).to(tdt) for _ in range(2))
+            for i in range(start, end)
+        }
+        hidden = hidden.to(tdt)
+        feeds = {"hidden_states": hidden, "position_ids": pos, "attention_mask": mask}
+        for i in range(start, end):
+            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = past[i]
+        outs = session_run(feeds)
+        ref_h, present = hf_segment(layers, rotary, hidden.float(), pos, mask,
+                                    {i: (k.float(), v.float()) for i, (k, v) in past.items()})
+        name = f"{part.name} ({case})"
+        rows = mask[:, -hidden.shape[1]:].bool()
+        worst = max(worst, compare(name, "hidden_states_out", outs[0], ref_h, dtype, rows))
+        keys = mask.bool()
+        for j, i in enumerate(range(start, end)):
+            for t, kind in enumerate(("key", "value")):
+                ours = outs[1 + 2 * j + t].transpose(1, 2)  # [B,T,Hkv,hd]: the mask selects positions
+                ref = present[i][t].transpose(1, 2)
+                worst = max(worst, compare(name, f"present.{i}.{kind}", ours, ref, dtype, keys))
+    return worst
+
+
+def gate_reference(gates: dict, layer: int, hidden, text_mask):
+    """Eq. 1 in float64: p = softmax(GELU([mean(text[:-1]), text[-1]] W1^T) W2^T)."""
+    w1, w2 = (w.double() for w in gates[layer])
+    probs = []
+    for b in range(hidden.shape[0]):
+        h = hidden[b].double()
+        text = h[text_mask[b].bool()]
+        last = h[-1]
+        mean = text.mean(0) if len(text) else last
+        f = torch.cat([mean, last])
+        probs.append(torch.softmax(torch.nn.functional.gelu(f @ w1.T) @ w2.T, -1))
+    return torch.stack(probs)
+
+
+def validate(part, session_run, model, dtype: str, gates: dict | None = None) -> float:
+    """Run the exported graph (``session_run(feeds) -> list of tensors``) against PyTorch."""
+    tdt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if part.kind == "segment":
+            return validate_segment(part, session_run, model, dtype)
+        if part.kind == "embed":
+            ids = torch.randint(0, part.module.embed_tokens.num_embeddings, (2, 7), generator=g)
+            ref = hf.text_model(model).embed_tokens(ids)
+            return compare(part.name, "inputs_embeds", session_run({"input_ids": ids})[0], ref, dtype)
+        if part.kind == "head":
+            hidden = torch.randn(2, 3, part.module.lm_head.in_features, generator=g).to(tdt)
+            ref = _f32(model.lm_head)(_f32(hf.text_model(model).norm)(hidden.float()))
+            return compare(part.name, "logits", session_run({"hidden_states": hidden})[0], ref, dtype)
+        if part.kind == "vision":
+            pixels = torch.randn(2, *part.inputs[0].shape[1:], generator=g)
+            llava = copy.copy(model.model)  # float32 view of the vision side, original untouched
+            llava._modules = dict(llava._modules)
+            llava.vision_tower = _f32(model.model.vision_tower)
+            llava.multi_modal_projector = _f32(model.model.multi_modal_projector)
+            feats = llava.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+            ref = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+            return compare(part.name, "image_features", session_run({"pixel_values": pixels})[0], ref, dtype)
+        if part.kind == "gate":
+            d = part.module.fc1.shape[2] // 2
+            hidden = torch.randn(3, 6, d, generator=g).to(tdt)
+            text_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 1, 0]])
+            worst = 0.0
+            for idx, layer in enumerate(part.info["layers"]):
+                ours = session_run({"hidden_states": hidden, "text_mask": text_mask, "gate_index": torch.tensor(idx)})[0]
+                ref = gate_reference(gates, layer, hidden.float(), text_mask)
+                worst = max(worst, compare(f"gate (layer {layer})", "probs", ours, ref, "float32"))
+            return worst
+    raise ValueError(part.kind)

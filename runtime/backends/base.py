@@ -1,0 +1,76 @@
+"""The one interface every backend implements; the dispatcher knows nothing else.
+
+A runner executes the parts of one engine folder on one device. Tensors in and out are torch
+tensors on ``runner.device`` (activations in ``runner.dtype``, ids int64, logits and gate
+probabilities float32). KV caches are runner-owned objects, so a backend can preallocate them
+(TensorRT, CUDA graphs) or let them grow (ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from dyvte.engines.manifest import Manifest
+
+#: Segment call modes; TensorRT maps each to its own optimization profile.
+MODES = ("full", "text", "decode")
+
+
+class KVCache:
+    """Keys/values of one decoder segment for one group of sequences."""
+
+    length: int = 0  # cached tokens (P)
+    batch: int = 0
+
+
+class Runner(ABC):
+    """Runs the parts of an engine folder. Subclasses implement the ``*_impl``-free methods below."""
+
+    name: str = "base"
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    # -- parts -----------------------------------------------------------------------------
+    @abstractmethod
+    def vision(self, pixel_values):
+        """pixel_values [N,3,H,W] float32 -> image features [N,V,D]."""
+
+    @abstractmethod
+    def embed(self, input_ids):
+        """input_ids [B,S] int64 -> embeddings [B,S,D]."""
+
+    @abstractmethod
+    def new_cache(self, segment: int, batch: int, capacity: int) -> KVCache:
+        """An empty cache for ``batch`` sequences that will hold at most ``capacity`` tokens."""
+
+    @abstractmethod
+    def segment(self, index: int, hidden, position_ids, attention_mask, cache: KVCache, mode: str):
+        """Run decoder segment ``index`` on hidden [B,S,D]; appends S tokens to ``cache``.
+
+        position_ids [B,S] int64, attention_mask [B, cache.length + S] int64 (key padding).
+        """
+
+    @abstractmethod
+    def gate(self, hidden, text_mask, gate_index: int):
+        """Gate of candidate number ``gate_index`` on hidden [B,S,D] -> probs [B,2] float32."""
+
+    @abstractmethod
+    def head(self, hidden):
+        """hidden [B,S,D] -> logits [B,S,V] float32."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    device = None  # torch.device
+    dtype = None  # torch dtype of activations
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timings)."""
+
+    def close(self) -> None:
+        """Free sessions/engines."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

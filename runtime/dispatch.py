@@ -1,0 +1,253 @@
+"""The DyVTE dispatcher: prefill through the segments with per-sample exits, then decode.
+
+Sequences are left-padded so every last prompt token sits at the last position. In each
+segment a batch is split into at most two groups: sequences still carrying their visual tokens
+("full") and sequences that exited ("text", visual positions removed, original position ids
+kept). Each group runs as its own batch with its own KV cache, so an exited sample costs what it
+would cost alone. Decisions are taken once, at prefill; decoding reuses the same groups.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .policies import Policy
+
+
+@dataclass
+class Group:
+    """Sequences sharing one layout in a segment. Shapes: [G] rows, [G,S(,D)] the rest."""
+
+    rows: torch.Tensor  # batch indices, int64
+    hidden: torch.Tensor  # [G,S,D]
+    position_ids: torch.Tensor  # [G,S] int64
+    mask: torch.Tensor  # [G,S] int64, 0 = left padding
+    visual: torch.Tensor  # [G,S] bool, visual positions (all False once exited)
+    text_mask: torch.Tensor  # [G,S] int64, gate features: text tokens before the last one
+
+    def select(self, keep: torch.Tensor) -> "Group":
+        return Group(self.rows[keep], self.hidden[keep], self.position_ids[keep], self.mask[keep],
+                     self.visual[keep], self.text_mask[keep])
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - t.shape[1]
+    if pad == 0:
+        return t
+    shape = (t.shape[0], pad, *t.shape[2:])
+    return torch.cat([t.new_zeros(shape), t], dim=1)
+
+
+def merge(a: Group | None, b: Group) -> Group:
+    """Concatenate two groups along the batch, re-padding to the longer sequence."""
+    if a is None:
+        return b
+    S = max(a.hidden.shape[1], b.hidden.shape[1])
+    cat = lambda x, y: torch.cat([_pad_left(x, S), _pad_left(y, S)], dim=0)  # noqa: E731
+    return Group(torch.cat([a.rows, b.rows]), cat(a.hidden, b.hidden), cat(a.position_ids, b.position_ids),
+                 cat(a.mask, b.mask), cat(a.visual, b.visual), cat(a.text_mask, b.text_mask))
+
+
+def drop_visual(g: Group) -> Group:
+    """Remove every visual position (the exit), keep position ids, re-pad on the left."""
+    keep = g.mask.bool() & ~g.visual  # [G,S]
+    n = keep.sum(1)  # [G]
+    S = int(n.max())
+    slot = keep.long().cumsum(1) - 1 + (S - n)[:, None]  # target column of each kept token
+    row = torch.arange(len(n), device=keep.device)[:, None].expand_as(keep)
+    r, c = row[keep], slot[keep]
+
+    def move(x, fill=0):
+        out = x.new_full((len(n), S, *x.shape[2:]), fill)
+        out[r, c] = x[keep]
+        return out
+
+    mask = torch.zeros(len(n), S, dtype=g.mask.dtype, device=keep.device)
+    mask[r, c] = 1
+    return Group(g.rows, move(g.hidden), move(g.position_ids), mask, torch.zeros_like(mask, dtype=torch.bool),
+                 move(g.text_mask))
+
+
+@dataclass
+class SegmentGroup:
+    """A group's KV cache in one segment and its key-padding mask (prefill mask, then ones)."""
+
+    rows: torch.Tensor
+    cache: object
+    mask: torch.Tensor  # [G, prefill_len + max_new] int64
+    whole: bool  # rows == arange(B): no gather/scatter needed
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts. ids/mask/visual/text_mask: [B,T]; lengths [B] real prompt lengths."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    visual: torch.Tensor
+    text_mask: torch.Tensor
+    lengths: torch.Tensor
+    pixel_values: torch.Tensor | None  # [N,3,H,W] in prompt order
+
+
+@dataclass
+class Generation:
+    tokens: list  # per sample: list[int]
+    logits: list  # per sample: list of [V] float32 tensors (when requested)
+    exit_layers: list
+    gate_probs: list  # per sample: {layer: p_exit}
+    finish: list  # "eos" | "length"
+    timings: dict = field(default_factory=dict)
+
+
+def make_batch(prompts: list[torch.Tensor], pixel_values, image_token_id: int, device) -> Batch:
+    """Left-pad 1-D id tensors; mark visual positions and the gate's text tokens."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = p
+        mask[i, T - len(p):] = 1
+    visual = (ids == image_token_id) & mask.bool()
+    cols = torch.arange(T)
+    last_visual = torch.where(visual, cols, -1).max(1).values  # [B], -1 without image
+    text_mask = ((cols[None] > last_visual[:, None]) & (cols[None] < T - 1) & mask.bool()).long()
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    pv = pixel_values.to(device) if pixel_values is not None else None
+    return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device), pv)
+
+
+class Dispatcher:
+    """Runs one engine folder's parts through a :class:`Runner` with DyVTE exits."""
+
+    def __init__(self, runner, manifest):
+        self.runner, self.manifest = runner, manifest
+        self.segments = [p.layers for p in manifest.segments]
+        self.gate_index = {k: i for i, k in enumerate(manifest.gate_layers)}
+
+    # -- prefill -----------------------------------------------------------------------------
+    def _exits(self, boundary: int, g: Group, policy: Policy, threshold: float, probs_out: list):
+        """Which rows of ``g`` drop their visual tokens before layer ``boundary`` (bool [G])."""
+        if policy.gated:
+            if boundary not in self.gate_index:
+                return None
+            probs = self.runner.gate(g.hidden, g.text_mask, self.gate_index[boundary])[:, 1].float()
+            for row, p in zip(g.rows.tolist(), probs.tolist()):
+                probs_out[row][boundary] = p
+            return probs > threshold
+        if policy.fixed_exit(boundary):
+            return torch.ones(len(g.rows), dtype=torch.bool, device=g.rows.device)
+        return None
+
+    def prefill(self, batch: Batch, policy: Policy, threshold: float, max_new: int):
+        runner, B = self.runner, batch.ids.shape[0]
+        L = self.manifest.num_layers
+        dev = batch.ids.device
+        exit_layers = [L] * B
+        probs = [{} for _ in range(B)]
+        ids = batch.ids.masked_fill(batch.visual, 0)  # image placeholders may lie outside the vocabulary
+        hidden = runner.embed(ids)  # [B,T,D]
+        t0 = time.perf_counter()
+        if batch.visual.any() and policy.layer != 0:
+            feats = runner.vision(batch.pixel_values)  # [N,V,D]
+            hidden[batch.visual] = feats.reshape(-1, feats.shape[-1]).to(hidden.dtype)
+        runner.synchronize()
+        vision_s = time.perf_counter() - t0
+        positions = (batch.mask.cumsum(1) - 1).clamp(min=0)
+        full = Group(torch.arange(B, device=dev), hidden, positions, batch.mask, batch.visual, batch.text_mask)
+        text = None
+        state = []
+        for j, (a, b) in enumerate(self.segments):
+            if full is not None:
+                leave = self._exits(a, full, policy, threshold, probs)
+                if leave is not None and bool(leave.any()):
+                    for r in full.rows[leave].tolist():
+                        exit_layers[r] = a
+                    text = merge(text, drop_visual(full.select(leave)))
+                    full = None if bool(leave.all()) else full.select(~leave)
+            groups = []
+            for g, mode in ((full, "full"), (text, "text")):
+                if g is None:
+                    continue
+                G, S = g.mask.shape
+                cache = runner.new_cache(j, G, S + max_new)
+                g.hidden = runner.segment(j, g.hidden, g.position_ids, g.mask, cache, mode)
+                mask = torch.ones(G, S + max_new, dtype=torch.int64, device=dev)
+                mask[:, :S] = g.mask
+                whole = G == B and bool((g.rows == torch.arange(B, device=dev)).all())
+                groups.append(SegmentGroup(g.rows, cache, mask, whole))
+            state.append(groups)
+        last = hidden.new_empty(B, 1, hidden.shape[-1])
+        for g in (full, text):
+            if g is not None:
+                last[g.rows] = g.hidden[:, -1:]
+        return last, state, exit_layers, probs, vision_s
+
+    # -- decode ------------------------------------------------------------------------------
+    def decode_step(self, hidden, positions, state):
+        """One token per sequence through every segment. hidden [B,1,D], positions [B,1]."""
+        runner = self.runner
+        for j, groups in enumerate(state):
+            if len(groups) == 1 and groups[0].whole:
+                g = groups[0]
+                hidden = runner.segment(j, hidden, positions, g.mask[:, : g.cache.length + 1], g.cache, "decode")
+                continue
+            out = torch.empty_like(hidden)
+            for g in groups:
+                mask = g.mask[:, : g.cache.length + 1]
+                out[g.rows] = runner.segment(j, hidden[g.rows], positions[g.rows], mask, g.cache, "decode").to(out.dtype)
+            hidden = out
+        return hidden
+
+    def generate(self, batch: Batch, policy: Policy, threshold: float, max_new: int, sampler,
+                 eos_ids: list[int], return_logits: bool) -> Generation:
+        runner = self.runner
+        B = batch.ids.shape[0]
+        eos = torch.tensor(eos_ids or [-1], device=batch.ids.device)
+        runner.synchronize()
+        t0 = time.perf_counter()
+        last, state, exit_layers, probs, vision_s = self.prefill(batch, policy, threshold, max_new)
+        logits = runner.head(last)[:, -1].float()  # [B,V]
+        token = sampler(logits)
+        tokens, kept_logits = [token], [logits] if return_logits else []
+        done = torch.isin(token, eos)
+        runner.synchronize()
+        t1 = time.perf_counter()
+        for step in range(1, max_new):
+            if bool(done.all()):
+                break
+            positions = (batch.lengths + step - 1)[:, None]  # full-length positions, exit or not
+            hidden = self.decode_step(runner.embed(token[:, None]), positions, state)
+            logits = runner.head(hidden)[:, -1].float()
+            token = sampler(logits)
+            tokens.append(token)
+            if return_logits:
+                kept_logits.append(logits)
+            done |= torch.isin(token, eos)
+        runner.synchronize()
+        t2 = time.perf_counter()
+        steps = torch.stack(tokens, 1).cpu()  # [B,n]
+        all_logits = torch.stack(kept_logits, 1).cpu() if return_logits else None
+        out_tokens, out_logits, finish = [], [], []
+        eos_set = set(eos_ids)
+        for i in range(B):
+            seq = steps[i].tolist()
+            n = next((k + 1 for k, t in enumerate(seq) if t in eos_set), len(seq))
+            out_tokens.append(seq[:n])
+            out_logits.append(all_logits[i, :n] if return_logits else None)
+            finish.append("eos" if n <= len(seq) and seq[n - 1] in eos_set else "length")
+        decoded = sum(len(t) - 1 for t in out_tokens)
+        timings = {
+            "vision_s": vision_s,
+            "prefill_s": t1 - t0,
+            "decode_s": t2 - t1,
+            "total_s": t2 - t0,
+            "prompt_tokens": int(batch.lengths.sum()),
+            "new_tokens": sum(len(t) for t in out_tokens),
+            "prefill_tokens_per_s": float(batch.lengths.sum()) / max(t1 - t0, 1e-9),
+            "decode_tokens_per_s": decoded / (t2 - t1) if decoded and t2 > t1 else 0.0,
+        }
+        return Generation(out_tokens, out_logits, exit_layers, probs, finish, timings)

@@ -1,0 +1,124 @@
+"""Tiny LLaVA checkpoints and engine folders shared by the tests (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class TinyModel:
+    name: str
+    model_dir: Path
+    engine_dir: Path
+    spec: object
+    candidates: list
+    gates: dict | None
+    gates_file: Path | None
+
+    _hf = None
+
+    @property
+    def hf(self):
+        if self._hf is None:
+            from dyvte.models import load_model
+
+            self._hf = load_model(self.model_dir)
+        return self._hf
+
+
+def make_gates(num_layers: int, dim: int, hidden: int = 16, seed: int = 0, layers=None) -> dict:
+    """Random gates whose exit probabilities spread over (0, 1) on tiny models."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    layers = layers if layers is not None else range(1, num_layers)
+    return {k: (torch.randn(hidden, 2 * dim, generator=g) * 2.0, torch.randn(2, hidden, generator=g) * 2.0)
+            for k in layers}
+
+
+# (name, spec kwargs, candidates, with gates)
+MODELS = {
+    "llama_gqa": (dict(), [1, 2, 3], True),  # GQA 4/2, 30x30 image (patch 6 -> 25 visual tokens)
+    "qwen2_full": (dict(text_model="qwen2", num_heads=4, num_kv_heads=4, num_layers=5, image_size=42,
+                        patch_size=7, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                        hidden_size=48, intermediate_size=96, vision_layers=3), [2, 4], True),
+}
+
+
+def _build(name: str, root: Path) -> TinyModel:
+    from dyvte.exporter import ExportSettings, export
+    from dyvte.gates import save_gates
+    from dyvte.tiny import TinyLlavaSpec, build_tiny_llava
+
+    kwargs, candidates, with_gates = MODELS[name]
+    spec = TinyLlavaSpec(**kwargs)
+    model_dir = build_tiny_llava(spec, root / f"{name}-hf", seed=1)
+    gates = gates_file = None
+    if with_gates:
+        gates = make_gates(spec.num_layers, spec.hidden_size)
+        gates_file = root / f"{name}-gates.safetensors"
+        save_gates(gates_file, gates)
+    engine_dir = root / f"{name}-engine"
+    export(ExportSettings(out=engine_dir, model=str(model_dir), candidates=candidates, gates=gates_file,
+                          max_input_len=256, max_new_tokens=32, progress=False))
+    return TinyModel(name, model_dir, engine_dir, spec, candidates, gates, gates_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    cache = {}
+
+    def get(name: str) -> TinyModel:
+        if name not in cache:
+            cache[name] = _build(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=list(MODELS))
+def tiny(request, tiny_models) -> TinyModel:
+    return tiny_models(request.param)
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models) -> TinyModel:
+    return tiny_models("llama_gqa")
+
+
+@pytest.fixture(scope="session")
+def pipelines():
+    """Cache of loaded ONNX Runtime pipelines by engine folder."""
+    from dyvte.runtime import Pipeline
+
+    cache = {}
+
+    def get(engine_dir) -> Pipeline:
+        key = str(engine_dir)
+        if key not in cache:
+            cache[key] = Pipeline.load(engine_dir, backend="onnxruntime")
+        return cache[key]
+
+    return get
+
+
+def make_image(seed: int = 0, size=(40, 52)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+
+
+@pytest.fixture
+def image_file(tmp_path) -> Path:
+    path = tmp_path / "img.png"
+    make_image(3).save(path)
+    return path

@@ -1,0 +1,88 @@
+"""An independent PyTorch implementation of the DyVTE exit semantics on the HF model.
+
+Written directly on Hugging Face modules (no dyvte code): greedy decoding without a KV cache,
+recomputing the whole sequence each step. Layers < K see every token; before layer K the
+visual positions are removed; the other tokens keep their position ids; generated tokens are
+appended at the full-length positions. Recomputing without a cache is equivalent to the cache
+semantics (layers < K cache visual keys, layers >= K do not) because attention is causal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _merged_embeddings(model, input_ids, pixel_values):
+    ids = input_ids.clone()
+    image = ids == model.config.image_token_id
+    ids[image] = 0
+    embeds = model.get_input_embeddings()(ids)
+    if image.any():
+        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        embeds[image] = feats.to(embeds.dtype)
+    return embeds, image
+
+
+def forward_with_exit(model, embeds, positions, visual, exit_layer, return_hidden=False):
+    """Run the text decoder on one sequence [1,S,D]; drop visual positions before ``exit_layer``.
+
+    Returns logits of the last position and (optionally) the hidden states entering each layer.
+    """
+    lm = model.model.language_model
+    x, pos, vis = embeds, positions, visual
+    entering = []
+    for i, layer in enumerate(lm.layers):
+        if i == exit_layer:
+            keep = ~vis[0]
+            x, pos, vis = x[:, keep], pos[:, keep], vis[:, keep]
+        entering.append(x)
+        S = x.shape[1]
+        mask = torch.full((S, S), torch.finfo(x.dtype).min).triu(1)[None, None]
+        cos_sin = lm.rotary_emb(x, pos)
+        x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        x = x[0] if isinstance(x, tuple) else x
+    logits = model.lm_head(lm.norm(x[:, -1:]))[0, -1]
+    return (logits, entering) if return_hidden else logits
+
+
+@torch.no_grad()
+def generate_with_exit(model, input_ids, pixel_values, exit_layer, max_new_tokens, eos_ids=()):
+    """Greedy tokens and their logits with all visual tokens removed before ``exit_layer``."""
+    embeds, visual = _merged_embeddings(model, input_ids, pixel_values)
+    T = input_ids.shape[1]
+    positions = torch.arange(T)[None]
+    tokens, logits_out = [], []
+    for step in range(max_new_tokens):
+        logits = forward_with_exit(model, embeds, positions, visual, exit_layer)
+        tok = int(logits.argmax())
+        tokens.append(tok)
+        logits_out.append(logits)
+        if tok in eos_ids:
+            break
+        embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[tok]]))], 1)
+        positions = torch.cat([positions, torch.tensor([[T + step]])], 1)
+        visual = torch.cat([visual, torch.zeros(1, 1, dtype=torch.bool)], 1)
+    return tokens, torch.stack(logits_out)
+
+
+@torch.no_grad()
+def gate_exit(model, gates, candidates, input_ids, pixel_values, threshold=0.5):
+    """Expected gate decision (paper Eq. 1 on HF hidden states): (exit layer, {layer: p_exit})."""
+    embeds, visual = _merged_embeddings(model, input_ids, pixel_values)
+    T = input_ids.shape[1]
+    L = model.config.text_config.num_hidden_layers
+    _, entering = forward_with_exit(model, embeds, torch.arange(T)[None], visual, L, return_hidden=True)
+    last_visual = int(visual[0].nonzero().max())
+    probs = {}
+    for k in candidates:
+        h = entering[k][0].double()  # input of layer k = output of layer k-1
+        text = h[last_visual + 1:]
+        mean = text[:-1].mean(0) if len(text) > 1 else text[-1]
+        f = torch.cat([mean, text[-1]])
+        w1, w2 = (w.double() for w in gates[k])
+        p = torch.softmax(torch.nn.functional.gelu(f @ w1.T) @ w2.T, -1)
+        probs[k] = float(p[1])
+        if p[1] > threshold:
+            return k, probs
+    return L, probs
