@@ -1,0 +1,115 @@
+"""The exit semantics on a Hugging Face LLaVA, batched and differentiable (training side).
+
+Used by gate training (labels: normal run vs exit run), VTW-style analyses and the demo model's
+training. Sequences are right-padded, teacher-forced (prompt + answer). An exit at layer k
+drops every visual position before layer k; the remaining tokens keep their position ids.
+The runtime implements the same semantics for deployment (runtime/dispatch.py); the tests check
+both against an independent reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Seq:
+    """A right-padded batch of token states. Shapes: hidden [B,S,D], the rest [B,S]."""
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor  # 1 = real token
+    visual: torch.Tensor  # bool
+    index: torch.Tensor  # original column of each token (to align labels after an exit)
+
+
+class ExitModel:
+    """Wraps a (frozen or trainable) HF LlavaForConditionalGeneration."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lm = model.model.language_model
+        self.image_token_id = model.config.image_token_id
+        self.num_layers = len(self.lm.layers)
+
+    def image_features(self, pixel_values):
+        """Projected visual tokens [N,V,D] of N images."""
+        feats = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def embed(self, input_ids, pixel_values, attention_mask, image_features=None) -> Seq:
+        visual = (input_ids == self.image_token_id) & attention_mask.bool()
+        ids = input_ids.masked_fill(visual, 0)
+        x = self.lm.embed_tokens(ids)
+        if visual.any():
+            feats = image_features if image_features is not None else self.image_features(pixel_values.to(x.dtype))
+            x = x.masked_scatter(visual[..., None], feats.reshape(-1, x.shape[-1]).to(x.dtype))
+        pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return Seq(x, pos, attention_mask, visual, idx)
+
+    def layers(self, s: Seq, start: int, end: int, collect=()) -> tuple[Seq, dict]:
+        """Run decoder layers [start, end); ``collect``: layers whose input hidden state to keep."""
+        B, S = s.mask.shape
+        causal = torch.ones(S, S, dtype=torch.bool, device=s.mask.device).tril()
+        allowed = causal[None] & s.mask.bool()[:, None, :]
+        bias = torch.zeros(B, 1, S, S, dtype=s.hidden.dtype, device=s.hidden.device)
+        bias = bias.masked_fill(~allowed[:, None], torch.finfo(s.hidden.dtype).min)
+        cos_sin = self.lm.rotary_emb(s.hidden, s.position_ids)
+        x, kept = s.hidden, {}
+        for i in range(start, end):
+            if i in collect:
+                kept[i] = x
+            x = self.lm.layers[i](x, attention_mask=bias, position_ids=s.position_ids, position_embeddings=cos_sin)
+            x = x[0] if isinstance(x, tuple) else x
+        return Seq(x, s.position_ids, s.mask, s.visual, s.index), kept
+
+    def head(self, hidden):
+        return self.model.lm_head(self.lm.norm(hidden))
+
+    @staticmethod
+    def drop_visual(s: Seq) -> Seq:
+        """Remove visual positions; rows are re-packed to the left (right padding)."""
+        keep = s.mask.bool() & ~s.visual
+        n = keep.sum(1)
+        S = int(n.max())
+        slot = keep.long().cumsum(1) - 1
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)
+        r, c = rows[keep], slot[keep]
+
+        def move(t):
+            out = t.new_zeros((keep.shape[0], S, *t.shape[2:]))
+            out[r, c] = t[keep]
+            return out
+
+        mask = torch.zeros(keep.shape[0], S, dtype=s.mask.dtype, device=keep.device)
+        mask[r, c] = 1
+        return Seq(move(s.hidden), move(s.position_ids), mask, torch.zeros_like(mask, dtype=torch.bool), move(s.index))
+
+    def forward(self, input_ids, pixel_values, attention_mask, exit_layer: int | None = None, image_features=None):
+        """Logits [B,S',V] of a teacher-forced run exiting at ``exit_layer`` (None/L: no exit), the
+        original column of each output position [B,S'] and the output mask [B,S']."""
+        s = self.embed(input_ids, pixel_values, attention_mask, image_features)
+        k = self.num_layers if exit_layer is None else exit_layer
+        s, _ = self.layers(s, 0, k)
+        if k < self.num_layers:
+            s, _ = self.layers(self.drop_visual(s), k, self.num_layers)
+        return self.head(s.hidden), s.index, s.mask
+
+
+def answer_loss(logits, index, mask, labels, reduction="mean"):
+    """Cross-entropy of the answer tokens. logits [B,S,V] over positions ``index`` of ``labels``.
+
+    Position j predicts the token at original column index[j] + 1.
+    """
+    B, S, V = logits.shape
+    nxt = (index + 1).clamp(max=labels.shape[1] - 1)
+    target = labels.gather(1, nxt).masked_fill(~mask.bool() | (index + 1 >= labels.shape[1]), -100)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none",
+                                           ignore_index=-100).view(B, S)
+    valid = target != -100
+    if reduction == "none":
+        return ce, valid, target
+    return (ce * valid).sum() / valid.sum().clamp(min=1)
