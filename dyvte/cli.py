@@ -71,6 +71,8 @@ def export_options(f):
         click.option("--max-new-tokens", type=int, default=None, help="Most generated tokens (default min(512, positions/4))."),
         click.option("--no-validate", is_flag=True, help="Skip checking each part against PyTorch."),
         click.option("--overwrite", is_flag=True, help="Replace an existing engine folder at --out."),
+        click.option("--engines", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+                     help="Also build TensorRT plans (needs TensorRT and a GPU; same as `dyvte build` afterwards)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -78,14 +80,23 @@ def export_options(f):
 
 
 def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input_len, max_new_tokens,
-               no_validate, overwrite):
+               no_validate, overwrite, engines):
     from dyvte.exporter import ExportSettings, export
 
+    if engines == "tensorrt":
+        from dyvte.engines.tensorrt import import_tensorrt
+
+        import_tensorrt()  # fail before exporting, not after
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     path = export(ExportSettings(
         out=out, model=model, candidates=candidates, gates=gates, opset=opset, dtype=dtype, max_batch=max_batch,
         max_input_len=max_input_len, max_new_tokens=max_new_tokens, validate=not no_validate, overwrite=overwrite,
-        progress=True, log=lambda msg: click.echo(msg, err=True),
+        progress=True, log=log,
     ))
+    if engines == "tensorrt":
+        from dyvte.engines.tensorrt import BuildSettings, build_engines
+
+        build_engines(BuildSettings(path, log=log))
     click.echo(f"engine folder ready: {path}")
 
 
@@ -158,6 +169,153 @@ def inspect_cmd(engine_dir, as_json, no_verify):
 
     m = Manifest.load(engine_dir, verify=not no_verify)
     click.echo(json.dumps(m.data, indent=2) if as_json else m.summary())
+
+
+@main.command("lint", cls=Command)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--trt-version", type=click.Choice(["10", "11"]), default="10", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def lint_cmd(engine_dir, trt_version, as_json):
+    """Check every ONNX part against the TensorRT ONNX parser's operators, types and opsets (CPU only)."""
+    from dyvte.engines.lint import lint_folder
+    from dyvte.engines.manifest import Manifest
+
+    report = lint_folder(Manifest.load(engine_dir, verify="exists"), trt_version)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("build", cls=Command)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--max-batch", type=int, default=None, help="Largest batch (default: the folder's limit).")
+@click.option("--max-input-len", type=int, default=None, help="Longest prompt (default: the folder's limit).")
+@click.option("--max-new-tokens", type=int, default=None, help="Most generated tokens (default: the folder's limit).")
+@click.option("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit.")
+def build_cmd(engine_dir, max_batch, max_input_len, max_new_tokens, workspace_gib):
+    """Build TensorRT plans for an engine folder (resumable; needs TensorRT and an NVIDIA GPU)."""
+    from dyvte.engines.tensorrt import BuildSettings, build_engines
+
+    report = build_engines(BuildSettings(engine_dir, max_batch, max_input_len, max_new_tokens, workspace_gib,
+                                         log=lambda m: click.echo(m, err=True)))
+    click.echo(json.dumps(report, indent=2))
+
+
+@main.command("profile", cls=Command)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--text-tokens", type=int, default=40, show_default=True, help="Text tokens after the image.")
+@click.option("--decode-tokens", type=int, default=16, show_default=True)
+@click.option("--policy", default=None, help="Compared with never (default: gate, else a middle candidate).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of per-part latency.")
+@click.option("--polygraphy", "show_polygraphy", is_flag=True, help="Print the equivalent polygraphy commands.")
+def profile_cmd(engine_dir, backend, reps, text_tokens, decode_tokens, policy, json_path, plot_path, show_polygraphy):
+    """Per-part latency (vision, segments full/text/decode, gate, head) and end to end never vs DyVTE."""
+    from dyvte.engines.files import write_json
+    from dyvte.engines.profile import format_profile, plot_profile, profile
+
+    if reps < 1 or text_tokens < 1 or decode_tokens < 2:
+        raise click.BadParameter("--reps and --text-tokens must be >= 1, --decode-tokens >= 2")
+    res = profile(engine_dir, backend, reps, text_tokens, decode_tokens, policy)
+    click.echo(format_profile(res))
+    if show_polygraphy:
+        click.echo("\n" + "\n".join(res["polygraphy"]))
+    if json_path:
+        write_json(json_path, res)
+    if plot_path:
+        click.echo(f"wrote {plot_profile(res, plot_path)}", err=True)
+
+
+@main.command("synth-data", cls=Command)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for data.json and images/.")
+@click.option("--num", type=int, default=1000, show_default=True, help="Number of samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (demo: 0 train, 1 held-out, 2 calibration).")
+def synth_cmd(out, num, seed):
+    """Write a synthetic visual-QA set (LLaVA format) of shapes, colours, counts, positions and words."""
+    from dyvte.synth import write_dataset
+
+    if num < 1:
+        raise click.BadParameter("--num must be at least 1")
+    click.echo(write_dataset(out, num, seed))
+
+
+@main.command("train-gates", cls=Command)
+@click.option("--model", default=None, help="HF LLaVA checkpoint (folder, repo id, preset); default: the demo model.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="LLaVA-format JSON (default: the demo's synthetic training split).")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None, help="Folder image paths are relative to.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Gates safetensors to write.")
+@click.option("--candidates", callback=_int_list, default=None, help="Layers to train gates for (default: every L/8).")
+@click.option("--samples", type=int, default=None, help="Use at most this many samples.")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=6e-5, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Samples per gate update.")
+@click.option("--forward-batch", type=int, default=8, show_default=True, help="Samples per frozen-model forward.")
+@click.option("--hidden", type=int, default=2048, show_default=True, help="Gate MLP width h.")
+@click.option("--alpha", type=float, default=1.03, show_default=True, help="Exit CE must be < alpha x normal CE.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu | cuda (default: cuda when available).")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Checkpoints (default <out>.work).")
+def train_gates_cmd(model, data, image_root, out, candidates, samples, epochs, lr, batch_size, forward_batch, hidden,
+                    alpha, seed, device, workdir):
+    """Train DyVTE gates on a frozen LLaVA (labels: exit vs normal run, paper Eq. 5-7); resumable."""
+    from dyvte.gate_training import GateTrainSettings, train_gates
+
+    report = train_gates(GateTrainSettings(
+        out=out, model=model, data=data, image_root=image_root, candidates=candidates, samples=samples, epochs=epochs,
+        lr=lr, batch_size=batch_size, forward_batch=forward_batch, hidden=hidden, alpha=alpha, seed=seed,
+        device=device, workdir=workdir, log=lambda m: click.echo(m, err=True)))
+    click.echo(json.dumps({k: report[k] for k in ("samples", "positive_rate", "train_accuracy", "final_loss")}))
+
+
+@main.command("calibrate-vtw", cls=Command)
+@click.option("--engine-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="LLaVA-format JSON (default: the demo's calibration split).")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None)
+@click.option("--samples", type=int, default=20, show_default=True)
+@click.option("--eta", type=float, default=0.003, show_default=True, help="KL threshold (VTW: 0.003 for LLaVA-1.5-7B).")
+@click.option("--backend", default="auto", show_default=True)
+def calibrate_vtw_cmd(engine_dir, data, image_root, samples, eta, backend):
+    """Pick VTW's static exit layer (first candidate with mean first-token KL <= eta); enables policy vtw."""
+    from dyvte.vtw import calibrate_vtw
+
+    res = calibrate_vtw(engine_dir, data, image_root, samples, eta, backend)
+    click.echo(f"vtw exit layer {res['exit_layer']} (eta {eta}, {res['samples']} samples); mean KL: "
+               + ", ".join(f"{k}: {v:.2g}" for k, v in res["mean_kl"].items()))
+
+
+@main.command("eval", cls=Command)
+@click.option("--engine-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="LLaVA-format JSON (default: the demo model's held-out set).")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None)
+@click.option("--policies", default=None,
+              help="Comma-separated (default: never, gate, vtw when available, layer:K for 0 and each candidate).")
+@click.option("--max-samples", type=int, default=None, help="Evaluate at most this many samples (demo default 600).")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write {policy: metrics} here.")
+@click.option("--plots", type=click.Path(path_type=Path), default=None, help="Write the PNG plots into this folder.")
+def eval_cmd(engine_dir, data, image_root, policies, max_samples, max_new_tokens, gate_threshold, backend, json_path,
+             plots):
+    """Accuracy, mean exit layer, TFLOPs and latency per exit policy, with plots."""
+    from dyvte.engines.files import write_json
+    from dyvte.engines.manifest import Manifest
+    from dyvte.evaluate import evaluate, format_table, plot
+
+    pols = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+    summary, rows = evaluate(engine_dir, data, image_root, pols, backend, max_samples, max_new_tokens, gate_threshold)
+    m = Manifest.load(engine_dir, verify=False)
+    click.echo(format_table(summary, m.num_layers))
+    if json_path:
+        write_json(json_path, summary)
+    if plots:
+        for p in plot(summary, rows, m.num_layers, m.candidates, plots):
+            click.echo(f"wrote {p}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,7 +105,9 @@ class Manifest:
 
     # -- I/O -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, root: str | Path, verify: bool = True) -> "Manifest":
+    def load(cls, root: str | Path, verify: bool | str = True) -> "Manifest":
+        """Parse and check ``root/manifest.json``: ``verify=True`` checks every file's size and sha256,
+        ``False`` sizes only, ``"exists"`` only that files exist (lint reads graphs a user may edit)."""
         root = Path(root)
         if not root.is_dir():
             raise EngineFolderError(f"engine folder {root} does not exist; create it with `dyvte-export --out {root}`")
@@ -130,7 +132,7 @@ class Manifest:
             manifest.check_structure()
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineFolderError(f"{mpath} is malformed (missing or bad field {exc}); re-export the folder") from None
-        manifest.check_files(hash_files=verify)
+        manifest.check_files(hash_files=verify is True, sizes=verify != "exists")
         return manifest
 
     def check_structure(self) -> None:
@@ -147,13 +149,13 @@ class Manifest:
         for rel in self.data["files"]:
             self.path(rel)
 
-    def check_files(self, hash_files: bool = True) -> None:
-        """Every listed file exists with its size (and sha256 when ``hash_files``)."""
+    def check_files(self, hash_files: bool = True, sizes: bool = True) -> None:
+        """Every listed file exists (with its size when ``sizes``, and sha256 when ``hash_files``)."""
         for rel, meta in self.data["files"].items():
             p = self.path(rel)
             if not p.is_file():
                 raise EngineFolderError(f"{self.root} is missing {rel}; the folder is incomplete, re-export it")
-            if p.stat().st_size != meta["size"]:
+            if sizes and p.stat().st_size != meta["size"]:
                 raise EngineFolderError(
                     f"{rel} in {self.root} has {p.stat().st_size} bytes, the manifest says {meta['size']}: "
                     "the file is corrupted or truncated; re-export the folder"
@@ -189,3 +191,26 @@ class Manifest:
             lines.append(f"  {name:<11} {part.kind:<8}{extra:<18} {size / 1e6:9.2f} MB{val}")
         lines.append("versions       " + ", ".join(f"{k} {v}" for k, v in self.data["versions"].items()))
         return "\n".join(lines)
+
+
+def synthetic_manifest(text: dict, candidates: list[int], num_visual_tokens: int, image_shape, limits: dict,
+                       gate_hidden: int | None = None, image_token_id: int = 32000, eos_token_ids=(2,)) -> Manifest:
+    """An in-memory manifest of a model shape without files (random-weight benchmarks)."""
+    L = int(text["num_layers"])
+    bounds = [0, *candidates, L]
+    parts = {name: {"kind": name, "onnx": f"onnx/{name}.onnx", "inputs": [], "outputs": []} for name in ("vision", "embed", "head")}
+    segments = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        segments.append(f"segment_{i}")
+        parts[f"segment_{i}"] = {"kind": "segment", "onnx": f"onnx/segment_{i}.onnx", "inputs": [], "outputs": [],
+                                 "info": {"layers": [a, b]}}
+    if gate_hidden:
+        parts["gate"] = {"kind": "gate", "onnx": "onnx/gate.onnx", "inputs": [], "outputs": [],
+                         "info": {"layers": list(candidates), "hidden": gate_hidden}}
+    data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "dtype": "float16", "opset": 17,
+            "model": {"source": "synthetic", "image_token_id": image_token_id, "pad_token_id": 0,
+                      "eos_token_ids": list(eos_token_ids), "num_visual_tokens": num_visual_tokens,
+                      "image_shape": list(image_shape), "vision_model_type": "clip_vision_model"},
+            "text": dict(text), "candidates": list(candidates), "limits": dict(limits), "segments": segments,
+            "parts": parts, "files": {}, "versions": {}}
+    return Manifest(Path("."), data)

@@ -384,7 +384,14 @@ def export(settings: ExportSettings) -> Path:
     files = [p for p in staging.rglob("*") if p.is_file() and p.name not in (STATE_NAME, MANIFEST_NAME)]
     manifest["files"] = _file_meta(staging, sorted(files))
     write_json(staging / MANIFEST_NAME, manifest)
-    Manifest.load(staging, verify=False)  # the manifest we wrote must parse
+    from dyvte.engines.lint import lint_folder
+
+    report = lint_folder(Manifest.load(staging, verify=False))  # the manifest must parse; TensorRT lint
+    for finding in report.findings:
+        log(f"TensorRT lint: {finding}")
+    manifest["lint"] = {"tensorrt": report.trt_version, "errors": len(report.errors),
+                        "warnings": len(report.findings) - len(report.errors)}
+    write_json(staging / MANIFEST_NAME, manifest)
     (staging / STATE_NAME).unlink(missing_ok=True)
     _swap_into_place(staging, out)
     log(f"wrote {out}")

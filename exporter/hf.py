@@ -108,19 +108,36 @@ def vision_layout(config) -> tuple[list[int], int]:
     return absolute, max(absolute)
 
 
+VISION_ATTENTION = "dyvte_eager_fp32"
+
+
+def _eager_fp32_softmax(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF eager attention with an explicit float32 softmax.
+
+    HF's eager functions ask softmax for float32 through its ``dtype`` argument, which the
+    TorchScript ONNX exporter drops; an explicit cast survives export, so fp16/bf16 vision
+    graphs keep softmax in float32 like the decoder segments do.
+    """
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights.float(), dim=-1).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 def build_vision_encoder(config, dtype: torch.dtype, device="cpu") -> VisionEncoder:
     """An (untrained) vision encoder truncated to the layers the features need."""
-    from transformers import AutoModel
+    from transformers import AttentionInterface, AutoModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+    AttentionInterface.register(VISION_ATTENTION, _eager_fp32_softmax)
     feature_layers, needed = vision_layout(config)
     vcfg = copy.deepcopy(config.vision_config)
     if needed < vcfg.num_hidden_layers:
         vcfg.num_hidden_layers = needed
         vcfg.tie_last_hidden_states = False  # layer `needed` is a raw layer output in the full tower
-    vcfg._attn_implementation = "eager"
     with torch.device(device):
-        tower = AutoModel.from_config(vcfg, attn_implementation="eager")
+        tower = AutoModel.from_config(vcfg, attn_implementation=VISION_ATTENTION)
         projector = LlavaMultiModalProjector(config)
     enc = VisionEncoder(tower, projector, feature_layers, config.vision_feature_select_strategy)
     return enc.to(dtype).eval()

@@ -88,8 +88,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(d, (h + 2 * hkv) * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
 
-    def forward(self, x, cos, sin, bias, past_key, past_value):
-        # x: [B,S,D]; cos/sin: [B,1,S,hd]; bias: [B,1,1,S,T] float32; past: [B,Hkv,P,hd]
+    def project(self, x, cos, sin):
+        """x [B,S,D] -> rotated q [B,H,S,hd], rotated k and v [B,Hkv,S,hd]."""
         B, S = x.shape[0], x.shape[1]
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
@@ -98,8 +98,12 @@ class Attention(nn.Module):
         v = v.reshape(B, S, hkv, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        key = torch.cat([past_key, k], dim=2)  # [B,Hkv,T,hd]
-        value = torch.cat([past_value, v], dim=2)
+        return q, k, v
+
+    def attend(self, q, key, value, bias):
+        """q [B,H,S,hd] over key/value [B,Hkv,T,hd] with bias [B,1,1,S,T] -> [B,S,D]."""
+        B, h, S, hd = q.shape
+        hkv = self.num_kv_heads
         T, g = key.shape[2], h // hkv
         # Grouped-query attention without repeating K/V: query heads of one KV head share a row block.
         qg = q.reshape(B, hkv, g * S, hd)  # head j*g+i -> group j
@@ -108,7 +112,23 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, hkv, g * S, T)
         out = torch.matmul(probs, value)  # [B,Hkv,g*S,hd]
         out = out.view(B, h, S, hd).transpose(1, 2).reshape(B, S, h * hd)
-        return self.o_proj(out), key, value
+        return self.o_proj(out)
+
+    def forward(self, x, cos, sin, bias, past_key, past_value):
+        # x: [B,S,D]; cos/sin: [B,1,S,hd]; bias: [B,1,1,S,T] float32; past: [B,Hkv,P,hd]
+        q, k, v = self.project(x, cos, sin)
+        key = torch.cat([past_key, k], dim=2)  # [B,Hkv,T,hd]
+        value = torch.cat([past_value, v], dim=2)
+        return self.attend(q, key, value, bias), key, value
+
+    def forward_static(self, x, cos, sin, bias, cache_key, cache_value, index, length=None):
+        """Like forward, with preallocated caches [B,Hkv,C,hd] written in place at ``index`` [S];
+        attends over the first ``length`` slots (None: all C, the rest masked by ``bias``)."""
+        q, k, v = self.project(x, cos, sin)
+        cache_key.index_copy_(2, index, k)
+        cache_value.index_copy_(2, index, v)
+        key, value = (cache_key, cache_value) if length is None else (cache_key[:, :, :length], cache_value[:, :, :length])
+        return self.attend(q, key, value, bias)
 
 
 class MLP(nn.Module):
@@ -153,16 +173,20 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, key, value
 
+    def forward_static(self, x, cos, sin, bias, cache_key, cache_value, index, length=None):
+        x = x + self.self_attn.forward_static(self.input_layernorm(x), cos, sin, bias, cache_key, cache_value, index, length)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
-def attention_bias(attention_mask: torch.Tensor, query_len) -> torch.Tensor:
+
+def attention_bias(attention_mask: torch.Tensor, query_len, start=None) -> torch.Tensor:
     """Additive float32 mask [B,1,1,S,T] from key padding [B,T]; causal over cache order.
 
-    Query s sits at cache index T - S + s and sees keys j <= that index whose mask is 1.
-    A fully masked row (a left-padding query) gets equal scores, never NaN.
+    Query s sits at cache index start + s (default start = T - S) and sees keys j <= that
+    index whose mask is 1. A fully masked row (a left-padding query) gets equal scores, never NaN.
     """
     T = attention_mask.shape[1]
     dev = attention_mask.device
-    q_idx = torch.arange(query_len, device=dev) + (T - query_len)  # [S]
+    q_idx = torch.arange(query_len, device=dev) + (T - query_len if start is None else start)  # [S]
     k_idx = torch.arange(T, device=dev)  # [T]
     allowed = (k_idx[None, :] <= q_idx[:, None])[None] & attention_mask[:, None, :].bool()  # [B,S,T]
     bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
@@ -195,6 +219,23 @@ class DecoderSegment(nn.Module):
             x, key, value = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
             present += [key, value]
         return (x, *present)
+
+    def forward_static(self, hidden_states, position_ids, attention_mask, caches, start, length=None):
+        """The same computation on preallocated caches (torch backend, CUDA graphs).
+
+        attention_mask [B,C] covers every cache slot; caches: [(key, value)] per layer, each
+        [B,Hkv,C,hd]; the S new tokens are written at slots start..start+S-1 (``start`` an int64
+        tensor); attention spans the first ``length`` slots (None: all, unused ones masked).
+        """
+        S = hidden_states.shape[1]
+        index = start + torch.arange(S, device=hidden_states.device)  # [S]
+        mask = attention_mask if length is None else attention_mask[:, :length]
+        cos, sin = self.rope(position_ids, hidden_states.dtype)
+        bias = attention_bias(mask, S, start)
+        x = hidden_states
+        for layer, (key, value) in zip(self.layers.values(), caches):
+            x = layer.forward_static(x, cos, sin, bias, key, value, index, length)
+        return x
 
 
 class Embed(nn.Module):
@@ -238,7 +279,7 @@ class GateBank(nn.Module):
         last = h[:, -1]  # [B,D]
         m = text_mask.float()[..., None]  # [B,S,1]
         n = m.sum(1)  # [B,1]
-        mean = (h * m).sum(1) / n.clamp(min=1.0)
+        mean = (h * m).sum(1) / torch.maximum(n, torch.ones_like(n))  # no fp64 clamp constant
         mean = torch.where(n > 0, mean, last)  # one text token: both halves are that token
         feats = torch.cat([mean, last], dim=-1)  # [B,2D]
         w1 = self.fc1.float()[gate_index]  # [h,2D]

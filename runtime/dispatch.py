@@ -202,6 +202,7 @@ class Dispatcher:
             hidden = out
         return hidden
 
+    @torch.inference_mode()
     def generate(self, batch: Batch, policy: Policy, threshold: float, max_new: int, sampler,
                  eos_ids: list[int], return_logits: bool) -> Generation:
         runner = self.runner

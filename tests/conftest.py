@@ -44,11 +44,19 @@ def make_gates(num_layers: int, dim: int, hidden: int = 16, seed: int = 0, layer
 
 
 # (name, spec kwargs, candidates, with gates)
+def _synth_words():
+    from dyvte.synth import vocabulary
+
+    return tuple(vocabulary())
+
+
 MODELS = {
     "llama_gqa": (dict(), [1, 2, 3], True),  # GQA 4/2, 30x30 image (patch 6 -> 25 visual tokens)
     "qwen2_full": (dict(text_model="qwen2", num_heads=4, num_kv_heads=4, num_layers=5, image_size=42,
                         patch_size=7, vision_feature_layer=-1, vision_feature_select_strategy="full",
                         hidden_size=48, intermediate_size=96, vision_layers=3), [2, 4], True),
+    # vocabulary of the synthetic QA set, 96 px images, patch 24 -> 16 visual tokens
+    "synth": (dict(image_size=96, patch_size=24, words=None, initializer_range=0.2), [1, 2, 3], True),
 }
 
 
@@ -58,6 +66,8 @@ def _build(name: str, root: Path) -> TinyModel:
     from dyvte.tiny import TinyLlavaSpec, build_tiny_llava
 
     kwargs, candidates, with_gates = MODELS[name]
+    if "words" in kwargs and kwargs["words"] is None:
+        kwargs = dict(kwargs, words=_synth_words())
     spec = TinyLlavaSpec(**kwargs)
     model_dir = build_tiny_llava(spec, root / f"{name}-hf", seed=1)
     gates = gates_file = None
@@ -91,6 +101,20 @@ def tiny(request, tiny_models) -> TinyModel:
 @pytest.fixture(scope="session")
 def llama(tiny_models) -> TinyModel:
     return tiny_models("llama_gqa")
+
+
+@pytest.fixture(scope="session")
+def synth_model(tiny_models) -> TinyModel:
+    return tiny_models("synth")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """(data.json, image root) of 48 synthetic samples."""
+    from dyvte.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("synth-data")
+    return write_dataset(root, 48, seed=11, progress=False), root
 
 
 @pytest.fixture(scope="session")

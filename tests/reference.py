@@ -86,3 +86,21 @@ def gate_exit(model, gates, candidates, input_ids, pixel_values, threshold=0.5):
         if p[1] > threshold:
             return k, probs
     return L, probs
+
+
+@torch.no_grad()
+def teacher_forced(model, input_ids, pixel_values, exit_layer):
+    """All-position logits of one teacher-forced sequence [1,T] exiting at ``exit_layer``, and the
+    original position of each output row (visual positions vanish after an exit)."""
+    lm = model.model.language_model
+    embeds, visual = _merged_embeddings(model, input_ids, pixel_values)
+    x, pos, vis = embeds, torch.arange(input_ids.shape[1])[None], visual
+    for i, layer in enumerate(lm.layers):
+        if i == exit_layer:
+            keep = ~vis[0]
+            x, pos, vis = x[:, keep], pos[:, keep], vis[:, keep]
+        S = x.shape[1]
+        mask = torch.full((S, S), torch.finfo(x.dtype).min).triu(1)[None, None]
+        x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=lm.rotary_emb(x, pos))
+        x = x[0] if isinstance(x, tuple) else x
+    return model.lm_head(lm.norm(x))[0], pos[0]

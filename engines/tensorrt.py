@@ -1,0 +1,153 @@
+"""ONNX parts -> TensorRT plans, for TensorRT 10.x and 11.x (strongly typed networks).
+
+Precision comes from the ONNX graphs (export with ``--dtype float16`` or ``bfloat16``; RMSNorm
+and softmax stay float32 inside them), so no builder precision flags are used. Each decoder
+segment becomes one engine holding its weights once, with three optimization profiles
+(full / text prefill, decode: engines/profiles.py). All builds share one timing cache. Every
+finished plan is recorded in ``trt/build-state.json`` with a key (ONNX checksums, profiles,
+TensorRT version), so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dyvte.errors import BackendUnavailableError, EngineFolderError, ExportError
+
+from .files import sha256_file, write_atomic, write_json
+from .manifest import Manifest
+from .profiles import Limits, input_shapes, part_profiles
+
+PLAN_DIR = "trt"
+
+
+def import_tensorrt():
+    """The tensorrt module, or a one-line error saying how to get it."""
+    from dyvte import features
+
+    if not features.has_tensorrt():
+        raise BackendUnavailableError(
+            "TensorRT is not installed (PyPI's tensorrt wheels download the libraries from NVIDIA's index); "
+            "install it as described in the README section 'Installing TensorRT', or use --backend torch/onnxruntime"
+        )
+    import tensorrt
+
+    return tensorrt
+
+
+def trt_major(trt) -> str:
+    return trt.__version__.split(".")[0]
+
+
+@dataclass
+class BuildSettings:
+    engine_dir: Path
+    max_batch: int | None = None  # None: the folder's limits
+    max_input_len: int | None = None
+    max_new_tokens: int | None = None
+    workspace_gib: float | None = None
+    progress: bool = True
+    log: object = field(default=None, repr=False)
+
+
+def _key(manifest: Manifest, part, profiles: dict, version: str) -> str:
+    files = {rel: meta["sha256"] for rel, meta in manifest.data["files"].items() if rel.startswith(part.onnx)}
+    blob = json.dumps([files, profiles, version], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_engines(settings: BuildSettings) -> dict:
+    """Build (or resume building) a TensorRT plan for every part; updates the manifest."""
+    from tqdm.auto import tqdm
+
+    from dyvte.settings import MANIFEST_NAME
+
+    from .lint import lint_folder
+
+    trt = import_tensorrt()
+    log = settings.log or (lambda m: None)
+    manifest = Manifest.load(settings.engine_dir)
+    limits = Limits.from_manifest(manifest, max_batch=settings.max_batch, max_input_len=settings.max_input_len,
+                                  max_new_tokens=settings.max_new_tokens)
+    version = trt_major(trt)
+    report = lint_folder(manifest, version if version in ("10", "11") else "11", limits)
+    if not report.ok:
+        raise EngineFolderError("TensorRT lint failed: " + "; ".join(str(f) for f in report.errors[:3])
+                                + " (run `dyvte lint` for the full report)")
+    if manifest.dtype == "float32":
+        log("note: float32 graphs give float32 engines; export with --dtype float16 or bfloat16 for speed")
+    root = manifest.root
+    plan_dir = root / PLAN_DIR
+    plan_dir.mkdir(exist_ok=True)
+    state_path = plan_dir / "build-state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state.setdefault("parts", {})
+    cache_path = plan_dir / "timing.cache"
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    results = {}
+    bar = tqdm(total=len(manifest.parts), desc="tensorrt", unit="engine", disable=not settings.progress)
+    for name, part in manifest.parts.items():
+        profiles = part_profiles(manifest, part, limits)
+        key = _key(manifest, part, profiles, trt.__version__)
+        plan = plan_dir / f"{name}.plan"
+        rec = state["parts"].get(name)
+        if rec and rec["key"] == key and plan.is_file() and sha256_file(plan) == rec["sha256"]:
+            results[name] = rec
+            bar.update(1)
+            continue
+        bar.set_postfix_str(name)
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(manifest.path(part.onnx))):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ExportError(f"TensorRT cannot parse {part.onnx}: {errs[:500]}")
+        config = builder.create_builder_config()
+        if settings.workspace_gib:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        for axes in profiles.values():
+            prof = builder.create_optimization_profile()
+            for inp, (lo, opt, hi) in input_shapes(part, axes).items():
+                prof.set_shape(inp, lo, opt, hi)
+            config.add_optimization_profile(prof)
+        t0 = time.perf_counter()
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise ExportError(f"TensorRT failed to build {name}; see the TensorRT log above")
+        seconds = time.perf_counter() - t0
+        write_atomic(plan, bytes(blob))
+        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        engine = runtime.deserialize_cuda_engine(bytes(blob))
+        per_profile = {}
+        for i, prof_name in enumerate(profiles):
+            if hasattr(engine, "get_device_memory_size_for_profile_v2"):
+                per_profile[prof_name] = int(engine.get_device_memory_size_for_profile_v2(i))
+            else:
+                per_profile[prof_name] = int(engine.get_device_memory_size_for_profile(i))
+        rec = {"key": key, "plan": f"{PLAN_DIR}/{name}.plan", "sha256": sha256_file(plan), "size": plan.stat().st_size,
+               "profiles": list(profiles), "build_seconds": round(seconds, 2), "device_memory": per_profile}
+        state["parts"][name] = rec
+        write_json(state_path, state)
+        results[name] = rec
+        bar.update(1)
+    bar.close()
+    data = manifest.data
+    data["engines"] = {"tensorrt": {"version": trt.__version__, "limits": limits.__dict__,
+                                    "parts": {n: {k: r[k] for k in ("plan", "profiles", "device_memory")}
+                                              for n, r in results.items()}}}
+    for r in results.values():
+        data["files"][r["plan"]] = {"size": r["size"], "sha256": r["sha256"]}
+    report = {"tensorrt": trt.__version__, "limits": limits.__dict__,
+              "engines": {n: {k: r[k] for k in ("size", "build_seconds", "device_memory")} for n, r in results.items()},
+              "total_build_seconds": round(sum(r["build_seconds"] for r in results.values()), 2)}
+    write_json(root / "build_report.json", report)
+    write_json(root / MANIFEST_NAME, data)
+    log(f"built {len(results)} TensorRT engines in {plan_dir}")
+    return report

@@ -1,0 +1,192 @@
+"""TensorRT backend: the plans built by ``dyvte build``, run on one CUDA stream.
+
+Buffers are torch CUDA tensors bound by address. Each segment engine has one execution
+context per optimization profile (full, text, decode); all contexts share one scratch buffer
+(they run one after another on the same stream). KV caches are preallocated to the profile's
+maximum as two flat buffers per layer: a call reads ``past`` from one and writes ``present``
+(past + new tokens) into the other, then they swap (TensorRT outputs cannot alias inputs), so
+decoding allocates nothing and never leaves the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dyvte.engines.manifest import Manifest
+from dyvte.errors import BackendUnavailableError, EngineFolderError, InputError
+
+from .base import MODES, KVCache, Runner
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64", "int32": "int32"}
+
+
+@dataclass
+class TrtCache(KVCache):
+    buffers: list = field(default_factory=list)  # per layer: [(flat key, flat value), (flat key, flat value)]
+    current: int = 0  # which of the two holds the cache
+    length: int = 0
+    batch: int = 0
+    capacity: int = 0
+
+
+class TensorRTRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, device: str | None = None):
+        import torch
+
+        from dyvte.engines.tensorrt import import_tensorrt
+
+        super().__init__(manifest)
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("the TensorRT backend needs a CUDA GPU; none is visible")
+        info = manifest.data.get("engines", {}).get("tensorrt")
+        if not info:
+            raise EngineFolderError(f"{manifest.root} has no TensorRT engines; build them with `dyvte build {manifest.root}`")
+        self.trt = trt
+        self.device = torch.device(device or "cuda")
+        self.dtype = getattr(torch, manifest.dtype)
+        self.stream = torch.cuda.Stream(self.device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        self.engines, self.contexts, self.profiles = {}, {}, {}
+        scratch = 0
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        for name, entry in info["parts"].items():
+            engine = runtime.deserialize_cuda_engine(manifest.path(entry["plan"]).read_bytes())
+            if engine is None:
+                raise EngineFolderError(f"TensorRT cannot load {entry['plan']} (built with another TensorRT or GPU?); "
+                                        f"rebuild it with `dyvte build {manifest.root}`")
+            self.engines[name] = engine
+            self.profiles[name] = entry["profiles"]
+            ctxs = []
+            for i in range(len(entry["profiles"])):
+                ctx = engine.create_execution_context(strategy)
+                ctx.set_optimization_profile_async(i, self.stream.cuda_stream)
+                ctxs.append(ctx)
+                size = (engine.get_device_memory_size_for_profile_v2(i)
+                        if hasattr(engine, "get_device_memory_size_for_profile_v2")
+                        else engine.get_device_memory_size_for_profile(i))
+                scratch = max(scratch, int(size))
+            self.contexts[name] = ctxs
+        self.scratch = torch.empty(max(scratch, 256), dtype=torch.uint8, device=self.device)
+        for ctxs in self.contexts.values():
+            for ctx in ctxs:
+                if hasattr(ctx, "set_device_memory"):
+                    ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+                else:
+                    ctx.device_memory = self.scratch.data_ptr()
+        self._dummy = torch.zeros(16, dtype=torch.float32, device=self.device)  # address for empty tensors
+        self._segment_names = [p.name for p in manifest.segments]
+        self._layers = [list(range(*p.layers)) for p in manifest.segments]
+        self.torch_stream = self.stream
+
+    # -- execution -----------------------------------------------------------------------------
+    def _execute(self, part: str, profile: int, inputs: dict, outputs: dict | None = None) -> dict:
+        """Bind inputs (and preallocated outputs), allocate the rest, run on the stream."""
+        import torch
+
+        ctx = self.contexts[part][profile]
+        engine = self.engines[part]
+        for name, t in inputs.items():
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise InputError(f"{part}: input {name} of shape {tuple(t.shape)} is outside the engine's profile "
+                                 f"'{self.profiles[part][profile]}'; rebuild with larger limits (dyvte build --max-...)")
+            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+        outputs = dict(outputs or {})
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != self.trt.TensorIOMode.OUTPUT:
+                continue
+            if name not in outputs:
+                shape = tuple(ctx.get_tensor_shape(name))
+                dtype = _dtype_of(engine.get_tensor_dtype(name), self.trt)
+                outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            t = outputs[name]
+            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise EngineFolderError(f"TensorRT execution of {part} failed; see the TensorRT log")
+        return outputs
+
+    def _on_stream(self, fn, *args):
+        import torch
+
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = fn(*args)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    def vision(self, pixel_values):
+        pv = pixel_values.to(self.device, dtype=self.torch_dtype("float32")).contiguous()
+        return self._on_stream(lambda: self._execute("vision", 0, {"pixel_values": pv})["image_features"])
+
+    def embed(self, input_ids):
+        ids = input_ids.to(self.device).contiguous()
+        return self._on_stream(lambda: self._execute("embed", 0, {"input_ids": ids})["inputs_embeds"])
+
+    def gate(self, hidden, text_mask, gate_index):
+        import torch
+
+        feeds = {"hidden_states": hidden.to(self.device, self.dtype).contiguous(),
+                 "text_mask": text_mask.to(self.device).contiguous(),
+                 "gate_index": torch.tensor(gate_index, device=self.device)}
+        return self._on_stream(lambda: self._execute("gate", 0, feeds)["probs"])
+
+    def head(self, hidden):
+        h = hidden.to(self.device, self.dtype).contiguous()
+        return self._on_stream(lambda: self._execute("head", 0, {"hidden_states": h})["logits"])
+
+    def new_cache(self, segment, batch, capacity):
+        import torch
+
+        t = self.manifest.text
+        numel = batch * t["num_kv_heads"] * capacity * t["head_dim"]
+        buffers = [[(torch.empty(numel, dtype=self.dtype, device=self.device),
+                     torch.empty(numel, dtype=self.dtype, device=self.device)) for _ in range(2)]
+                   for _ in self._layers[segment]]
+        return TrtCache(buffers, 0, 0, batch, capacity)
+
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+        t = self.manifest.text
+        B, S = hidden.shape[0], hidden.shape[1]
+        P = cache.length
+        if P + S > cache.capacity:
+            raise InputError(f"KV cache of segment {index} holds {cache.capacity} tokens; {P + S} requested")
+        hkv, hd = t["num_kv_heads"], t["head_dim"]
+        src, dst = cache.current, 1 - cache.current
+        feeds = {"hidden_states": hidden.to(self.device, self.dtype).contiguous(),
+                 "position_ids": position_ids.to(self.device).contiguous(),
+                 "attention_mask": attention_mask.to(self.device).contiguous()}
+        outs = {}
+        for layer, bufs in zip(self._layers[index], cache.buffers):
+            for j, kind in enumerate(("key", "value")):
+                feeds[f"past.{layer}.{kind}"] = bufs[src][j][: B * hkv * P * hd].view(B, hkv, P, hd)
+                outs[f"present.{layer}.{kind}"] = bufs[dst][j][: B * hkv * (P + S) * hd].view(B, hkv, P + S, hd)
+        profile = MODES.index(mode)
+        out = self._on_stream(lambda: self._execute(self._segment_names[index], profile, feeds, outs))
+        cache.current, cache.length = dst, P + S
+        return out["hidden_states_out"]
+
+    def torch_dtype(self, name):
+        import torch
+
+        return getattr(torch, name)
+
+    def synchronize(self):
+        self.stream.synchronize()
+
+    def close(self):
+        self.contexts.clear()
+        self.engines.clear()
+
+
+def _dtype_of(trt_dtype, trt):
+    import torch
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32,
+             trt.bool: torch.bool}
+    if hasattr(trt, "bfloat16"):
+        table[trt.bfloat16] = torch.bfloat16
+    return table[trt_dtype]

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""GPU benchmark of the torch backend on a LLaVA-1.5-7B-shaped model with random weights.
+
+    python scripts/bench_gpu.py                     # 32 layers, d=4096, 576 visual tokens, fp16, CUDA
+
+Builds the dyvte modules directly on the device (no checkpoint, no export), runs them through
+the same dispatcher as every engine folder, and prints, measured side by side in one process:
+prefill (first token) with ``never`` and ``layer:K`` against the FLOPs ratio, decode tokens/s
+for both, and peak GPU memory. Smaller shapes (``--layers 2 --hidden 256 --device cpu``) run
+anywhere, which is how CI keeps this script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=None, help="default hidden/128")
+    ap.add_argument("--intermediate", type=int, default=None, help="default 11008 for d=4096, else 2.6875 d")
+    ap.add_argument("--vocab", type=int, default=32064)
+    ap.add_argument("--vision-layers", type=int, default=23, help="CLIP ViT-L/14-336 layers up to LLaVA's feature layer")
+    ap.add_argument("--vision-hidden", type=int, default=1024)
+    ap.add_argument("--image-size", type=int, default=336)
+    ap.add_argument("--patch", type=int, default=14)
+    ap.add_argument("--text-tokens", type=int, default=40)
+    ap.add_argument("--exit", type=int, default=None, help="K of layer:K (default L/2)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from dyvte import flops
+    from dyvte.engines.manifest import synthetic_manifest
+    from dyvte.runtime.backends.torch import TorchRunner
+    from dyvte.runtime.pipeline import Pipeline
+    from dyvte.settings import default_candidates
+
+    d, L = args.hidden, args.layers
+    heads = args.heads or max(1, d // 128)
+    inter = args.intermediate or (11008 if d == 4096 else int(d * 2.6875))
+    k = args.exit if args.exit is not None else L // 2
+    cands = sorted(set(default_candidates(L)) | ({k} if 0 < k < L else set()))
+    n_vis = (args.image_size // args.patch) ** 2
+    text = {"num_layers": L, "hidden_size": d, "num_heads": heads, "num_kv_heads": heads, "head_dim": d // heads,
+            "intermediate_size": inter, "vocab_size": args.vocab, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+            "rope_dim": d // heads, "attention_scaling": 1.0, "qkv_bias": False, "o_bias": False, "mlp_bias": False,
+            "max_position_embeddings": 4096}
+    T = n_vis + args.text_tokens
+    limits = {"max_batch": 1, "max_input_len": T, "max_new_tokens": args.new_tokens}
+    manifest = synthetic_manifest(text, cands, n_vis, (3, args.image_size, args.image_size), limits)
+    hf_config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+                                       num_hidden_layers=args.vision_layers + 1, num_attention_heads=args.vision_hidden // 64,
+                                       image_size=args.image_size, patch_size=args.patch),
+        text_config=LlamaConfig(hidden_size=d, num_hidden_layers=L, vocab_size=args.vocab), vision_feature_layer=-2)
+    torch.cuda.reset_peak_memory_stats() if args.device == "cuda" else None
+    runner = TorchRunner(manifest, device=args.device, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
+                         random_weights=True, hf_config=hf_config)
+    pipe = Pipeline(manifest, runner)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[1], np.full(n_vis, 32000), rng.integers(3, 31999, args.text_tokens - 1)])[None].astype(np.int64)
+    pixels = rng.standard_normal((1, 3, args.image_size, args.image_size)).astype(np.float32)
+    pols = {"never": "never", f"layer:{k}": f"layer:{k}"}
+    prefill = {p: [] for p in pols}
+    decode = {p: [] for p in pols}
+    for p in pols.values():  # warm-up (CUDA graphs are captured here)
+        pipe.generate_ids(ids, pixels, max_new_tokens=args.new_tokens, policy=p)
+    for _ in range(args.reps):
+        for name, p in pols.items():
+            r = pipe.generate_ids(ids, pixels, max_new_tokens=1, policy=p)
+            prefill[name].append(r.timings["prefill_s"])
+            r = pipe.generate_ids(ids, pixels, max_new_tokens=args.new_tokens, policy=p)
+            decode[name].append(r.timings["decode_tokens_per_s"])
+    vis = flops.vision_flops({"hidden_size": args.vision_hidden, "intermediate_size": 4 * args.vision_hidden,
+                              "patch_size": args.patch, "image_size": args.image_size}, args.vision_layers, d)
+    f = {name: flops.prefill_flops(text, T, n_vis, L if p == "never" else k, vis) for name, p in pols.items()}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"\n{time.strftime('%Y-%m-%d')}  {dev}  torch backend, {args.dtype}, L={L}, d={d}, {T} prompt tokens "
+          f"({n_vis} visual), CUDA graphs {'off' if args.no_cuda_graphs or args.device != 'cuda' else 'on'}, "
+          f"median of {args.reps}")
+    print(f"{'policy':<10}{'prefill ms':>11}{'TFLOPs':>9}{'decode tok/s':>14}")
+    med = {n: statistics.median(v) for n, v in prefill.items()}
+    for name in pols:
+        print(f"{name:<10}{med[name] * 1e3:>11.2f}{f[name] / 1e12:>9.3f}{statistics.median(decode[name]):>14.1f}")
+    name = f"layer:{k}"
+    print(f"\nprefill time ratio {name}/never {med[name] / med['never']:.3f}   FLOPs ratio {f[name] / f['never']:.3f}")
+    print(f"peak GPU memory {peak:.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": dev, "prefill_s": prefill, "decode_tokens_per_s": decode, "flops": f,
+                       "peak_gib": peak, "args": vars(args)}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
