@@ -57,7 +57,8 @@ def export_options(f):
         click.option("--model", "model", default=None,
                      help="HF LLaVA checkpoint: local folder, HF-cache repo id, or preset (llava-7b, llava-13b). "
                           "Default: the embedded demo model."),
-        click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write."),
+        click.option("--out", "out", default=None, type=click.Path(path_type=Path),
+                     help="Engine folder to write (default: dyvte-engines/<model name>)."),
         click.option("--candidates", callback=_int_list, default=None,
                      help="Candidate exit layers, comma-separated (default: every L/8 layers, e.g. 4,8,...,28 for L=32)."),
         click.option("--gates", type=click.Path(path_type=Path), default=None,
@@ -88,6 +89,8 @@ def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input
 
         import_tensorrt()  # fail before exporting, not after
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if out is None:
+        out = Path("dyvte-engines") / (Path(model.rstrip("/")).name.split("/")[-1] if model else "demo-llava")
     path = export(ExportSettings(
         out=out, model=model, candidates=candidates, gates=gates, opset=opset, dtype=dtype, max_batch=max_batch,
         max_input_len=max_input_len, max_new_tokens=max_new_tokens, validate=not no_validate, overwrite=overwrite,

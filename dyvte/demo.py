@@ -1,28 +1,29 @@
-"""The embedded default model that ``dyvte-export`` uses without ``--model``."""
+"""The embedded default model that ``dyvte-export`` uses without ``--model``.
+
+``dyvte/data/demo-llava`` is a small LLaVA (8 Llama layers, 36 visual tokens) trained on the
+synthetic visual QA of :mod:`dyvte.synth` by ``scripts/train_demo_model.py``, with DyVTE gates
+trained by ``dyvte train-gates`` (``gates.safetensors``); see the README for how and with what result.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
-DEMO_DIR = DATA_DIR / "demo-llava"
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "dyvte"
+DEMO_DIR = Path(__file__).parent / "data" / "demo-llava"
+GATES_NAME = "gates.safetensors"
 
 
 def default_model_dir() -> Path:
-    """The shipped demo checkpoint; until one ships, a deterministic random tiny LLaVA."""
-    if (DEMO_DIR / "config.json").is_file():
-        return DEMO_DIR
-    from .tiny import TinyLlavaSpec, build_tiny_llava
+    """The shipped demo checkpoint folder."""
+    if not (DEMO_DIR / "config.json").is_file():
+        from .errors import ModelNotFoundError
 
-    target = _cache_dir() / "demo-random-v1"
-    if not (target / "config.json").is_file():
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        build_tiny_llava(TinyLlavaSpec(num_layers=8), tmp, seed=0)
-        os.replace(tmp, target)
-    return target
+        raise ModelNotFoundError(f"the embedded demo model is missing from {DEMO_DIR} (incomplete install?); "
+                                 "reinstall dyvte or pass --model")
+    return DEMO_DIR
+
+
+def default_gates() -> Path | None:
+    """The demo model's trained gates (contract format), if shipped."""
+    path = DEMO_DIR / GATES_NAME
+    return path if path.is_file() else None

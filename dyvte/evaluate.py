@@ -8,7 +8,6 @@ and every generated token) and lm_head; the gate's own cost is added for policy 
 
 from __future__ import annotations
 
-import re
 import statistics
 import string
 from pathlib import Path
@@ -52,7 +51,7 @@ def evaluate(engine_dir, data=None, image_root=None, policies=None, backend="aut
         pipe.policy(p)  # fail early on an unknown or unavailable policy
     t, n_vis = m.text, m.model["num_visual_tokens"]
     vis = flops.manifest_vision_flops(m)
-    gate_hidden = max((int(m.gate.info.get("hidden", 0)) for _ in [0]), default=0) if m.gate else 0
+    gate_hidden = int(m.gate.info.get("hidden", 0)) if m.gate else 0
     encoded = [encode(pipe.processor, s.image, s.question) for s in qa]
     rows = []
     bar = tqdm(total=len(qa) * len(policies), desc="eval", unit="run", disable=not progress)
@@ -62,8 +61,8 @@ def evaluate(engine_dir, data=None, image_root=None, policies=None, backend="aut
                                   gate_threshold=gate_threshold)
             T, k = len(ids), r.exit_layer
             n_new = len(r.token_ids)
-            dec_layers = (flops.prefill_flops(t, T, n_vis, k) - 2 * t["hidden_size"] * t["vocab_size"]
-                          + flops.decode_flops(t, T, n_vis, k, n_new) - (n_new - 1) * 2 * t["hidden_size"] * t["vocab_size"])
+            dec_layers = (flops.prefill_flops(t, T, n_vis, k, head=False)
+                          + flops.decode_flops(t, T, n_vis, k, n_new, head=False))
             total = (flops.prefill_flops(t, T, n_vis, k, vis, len(r.gate_probs), gate_hidden)
                      + flops.decode_flops(t, T, n_vis, k, n_new))
             rows.append({"policy": pol, "type": s.qtype, "answer": s.answer, "output": r.text,
@@ -102,13 +101,14 @@ def summarize(rows: list[dict], policies: list[str]) -> dict:
 
 def format_table(summary: dict, num_layers: int) -> str:
     base = summary.get("never")
-    lines = [f"{'policy':<10}{'accuracy':>9}{'exit layer':>11}{'TFLOPs':>10}{'decoder':>9}{'latency ms':>11}"]
+    """One row per policy; FLOPs per sample in GFLOPs (total, and decoder layers alone)."""
+    lines = [f"{'policy':<10}{'accuracy':>9}{'exit layer':>11}{'GFLOPs':>9}{'decoder':>9}{'latency ms':>11}"]
     for pol, s in summary.items():
         cut = ""
         if base and pol != "never" and base["decoder_tflops"]:
-            cut = f"  ({100 * (1 - s['decoder_tflops'] / base['decoder_tflops']):+.0f}% decoder FLOPs)".replace("+-", "-")
+            cut = f"  ({100 * (s['decoder_tflops'] / base['decoder_tflops'] - 1):+.0f}% decoder FLOPs)"
         lines.append(f"{pol:<10}{100 * s['accuracy']:>8.1f}%{s['mean_exit_layer']:>8.2f}/{num_layers:<2}"
-                     f"{s['tflops'] * 1e3:>9.3f}G{s['decoder_tflops'] * 1e3:>8.3f}G{s['latency_s'] * 1e3:>11.1f}{cut}")
+                     f"{s['tflops'] * 1e3:>9.4g}{s['decoder_tflops'] * 1e3:>9.4g}{s['latency_s'] * 1e3:>11.1f}{cut}")
     return "\n".join(lines)
 
 
@@ -140,11 +140,7 @@ def plot(summary: dict, rows: list[dict], num_layers: int, candidates: list[int]
         ax.set_title("Accuracy vs visual-token exit layer")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        path = out_dir / "accuracy_vs_exit_layer.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "accuracy_vs_exit_layer.png"))
     gate_rows = [r for r in rows if r["policy"] == "gate"]
     if gate_rows:
         types = sorted({r["type"] for r in gate_rows})
@@ -161,9 +157,14 @@ def plot(summary: dict, rows: list[dict], num_layers: int, candidates: list[int]
         ax.set_title("Where the gate drops the visual tokens, per question type")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        path = out_dir / "gate_exit_layers.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "gate_exit_layers.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -37,25 +37,26 @@ def vision_flops(vision_config: dict, layers_used: int, text_dim: int, num_featu
 
 
 def prefill_flops(t: dict, n_full: int, n_visual: int, exit_layer: int, vision: float = 0.0,
-                  gate_evals: int = 0, gate_hidden: int = 0) -> float:
+                  gate_evals: int = 0, gate_hidden: int = 0, head: bool = True) -> float:
     """FLOPs of one prefill (first token) exiting at ``exit_layer`` (L = no exit)."""
     L = t["num_layers"]
     k = min(exit_layer, L)
     n_text = n_full - n_visual
     text = k * decoder_layer_flops(t, n_full) + (L - k) * decoder_layer_flops(t, n_text)
-    head = 2 * t["hidden_size"] * t["vocab_size"]
+    lm_head = 2 * t["hidden_size"] * t["vocab_size"] if head else 0
     gate = gate_evals * 2 * (2 * t["hidden_size"] * gate_hidden + 2 * gate_hidden)
-    return vision + text + head + gate
+    return vision + text + lm_head + gate
 
 
-def decode_flops(t: dict, prompt_full: int, n_visual: int, exit_layer: int, new_tokens: int) -> float:
+def decode_flops(t: dict, prompt_full: int, n_visual: int, exit_layer: int, new_tokens: int,
+                 head: bool = True) -> float:
     """FLOPs of generating ``new_tokens - 1`` tokens after the prefill (one token each step)."""
     L, k = t["num_layers"], min(exit_layer, t["num_layers"])
     total = 0.0
     for step in range(1, new_tokens):
         full_ctx, text_ctx = prompt_full + step, prompt_full - n_visual + step
         total += k * decoder_layer_flops(t, 1, full_ctx) + (L - k) * decoder_layer_flops(t, 1, text_ctx)
-        total += 2 * t["hidden_size"] * t["vocab_size"]
+        total += 2 * t["hidden_size"] * t["vocab_size"] if head else 0
     return total
 
 

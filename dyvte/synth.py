@@ -29,6 +29,7 @@ WORDS = ("cat", "dog", "sun", "box", "pen", "key")  # no two share a 2-letter wi
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("color", "shape", "exist", "count", "position", "text")
 IMAGE_SIZE, GRID = 96, 6
+DATA_VERSION = 2  # bump when images or questions change: names the demo-split cache folders
 CELL = IMAGE_SIZE // GRID
 
 #: Demo seeds: training data, held-out evaluation, VTW calibration.
@@ -99,8 +100,9 @@ def _draw(objs: list[Obj], word, rng):
     if word is not None:
         text, row = word
         font = ImageFont.load_default(size=15)
-        x = int(rng.integers(2, IMAGE_SIZE - 34))
-        d.text((x, row * CELL - 1), text, fill=(20, 20, 20), font=font)
+        # starts near a cell boundary and spans two cells, so the patches show few distinct glyph pieces
+        x = int(rng.integers(GRID - 1)) * CELL + int(rng.integers(0, 3))
+        d.text((x, row * CELL - 3), text, fill=(20, 20, 20), font=font)
         placed = (text, row, x, x + int(d.textlength(text, font=font)))
     return img, placed
 
@@ -230,7 +232,7 @@ def demo_split(name: str, num: int, cache: Path | None = None) -> tuple[Path, Pa
 
     seed = {"heldout": HELDOUT_SEED, "calib": CALIB_SEED, "train": TRAIN_SEED}[name]
     root = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dyvte" / "synth"
-    folder = root / f"{name}-seed{seed}-n{num}"
+    folder = root / f"{name}-v{DATA_VERSION}-seed{seed}-n{num}"
     path = folder / "data.json"
     if not path.is_file():
         write_dataset(folder, num, seed, progress=False)

@@ -240,11 +240,16 @@ def export(settings: ExportSettings) -> Path:
             f"max_position_embeddings ({max_pos}); lower them"
         )
     candidates = check_candidates(settings.candidates if settings.candidates is not None else default_candidates(L), L)
+    gates_path = settings.gates
+    if gates_path is None and settings.model is None:
+        from dyvte.demo import default_gates
+
+        gates_path = default_gates()  # the demo model ships trained gates
     gates = None
-    if settings.gates is not None:
+    if gates_path is not None:
         from dyvte.gates import load_gates
 
-        gates = load_gates(settings.gates, candidates, config.text_config.hidden_size)
+        gates = load_gates(gates_path, candidates, config.text_config.hidden_size)
 
     staging = out.with_name(out.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
@@ -253,7 +258,7 @@ def export(settings: ExportSettings) -> Path:
     base = _digest(SCHEMA_VERSION, __version__, _model_fingerprint(model_dir), settings.dtype, settings.opset)
     bounds = [0, *candidates, L]
     plan = [("vision", ()), ("embed", ()), *((f"segment_{i}", (a, b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))]
-    gates_digest = sha256_file(Path(settings.gates)) if gates else None
+    gates_digest = sha256_file(Path(gates_path)) if gates else None
     if gates:
         plan.append(("gate", tuple(candidates)))
     plan.append(("head", ()))
@@ -338,7 +343,7 @@ def export(settings: ExportSettings) -> Path:
     shutil.copyfile(model_dir / "config.json", staging / "hf_config.json")
     gates_file = staging / "gates.safetensors"
     if gates:
-        shutil.copyfile(settings.gates, gates_file)
+        shutil.copyfile(gates_path, gates_file)
     else:
         gates_file.unlink(missing_ok=True)
     wanted = {f"onnx/{name}.onnx" for name, _ in plan} | {f"onnx/{name}.onnx.data" for name, _ in plan}

@@ -74,7 +74,7 @@ def _f32(module):
 
 def _segment_cases(spec, dtype):
     g = torch.Generator().manual_seed(0)
-    hkv, hd, d = spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    d = spec.hidden_size
 
     def rand(*shape):
         return torch.randn(*shape, generator=g)

@@ -61,18 +61,21 @@ def main(argv=None):
             "max_position_embeddings": 4096}
     T = n_vis + args.text_tokens
     limits = {"max_batch": 1, "max_input_len": T, "max_new_tokens": args.new_tokens}
-    manifest = synthetic_manifest(text, cands, n_vis, (3, args.image_size, args.image_size), limits)
+    image_token = min(32000, args.vocab - 1)  # LLaVA-1.5's id where the vocabulary has room
+    manifest = synthetic_manifest(text, cands, n_vis, (3, args.image_size, args.image_size), limits,
+                                  image_token_id=image_token)
     hf_config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                                        num_hidden_layers=args.vision_layers + 1, num_attention_heads=args.vision_hidden // 64,
                                        image_size=args.image_size, patch_size=args.patch),
         text_config=LlamaConfig(hidden_size=d, num_hidden_layers=L, vocab_size=args.vocab), vision_feature_layer=-2)
-    torch.cuda.reset_peak_memory_stats() if args.device == "cuda" else None
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     runner = TorchRunner(manifest, device=args.device, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
                          random_weights=True, hf_config=hf_config)
     pipe = Pipeline(manifest, runner)
     rng = np.random.default_rng(0)
-    ids = np.concatenate([[1], np.full(n_vis, 32000), rng.integers(3, 31999, args.text_tokens - 1)])[None].astype(np.int64)
+    ids = np.concatenate([[1], np.full(n_vis, image_token), rng.integers(3, image_token, args.text_tokens - 1)])[None].astype(np.int64)
     pixels = rng.standard_normal((1, 3, args.image_size, args.image_size)).astype(np.float32)
     pols = {"never": "never", f"layer:{k}": f"layer:{k}"}
     prefill = {p: [] for p in pols}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded demo LLaVA on synthetic visual QA, on CPU, reproducibly.
 
-    python scripts/train_demo_model.py --out dyvte/data/demo-llava       (about 15 min on 2 cores)
+    python scripts/train_demo_model.py --out dyvte/data/demo-llava       (about 20 min on 2 cores)
 
 Model: CLIP-style vision tower (96 px images, patch 16 -> 36 visual tokens, one per cell of the
 scene grid; 3 layers, features from the penultimate one as in LLaVA-1.5), 2-layer GELU
@@ -155,8 +155,8 @@ def main(argv=None):
     ap.add_argument("--turns", type=int, default=3, help="questions per training image (multi-turn conversations)")
     ap.add_argument("--eval-samples", type=int, default=600)
     ap.add_argument("--align-steps", type=int, default=300, help="stage 1 steps (batch 128)")
-    ap.add_argument("--steps", type=int, default=2200, help="stage 2 steps")
-    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=2700, help="stage 2 steps")
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--align-weight", type=float, default=0.2, help="alignment loss weight in stage 2")
     ap.add_argument("--exit-prob", type=float, default=0.5)
@@ -164,8 +164,8 @@ def main(argv=None):
     ap.add_argument("--blind-prob", type=float, default=0.05,
                     help="batches with no visual tokens at all (exit 0): the model learns text-only priors")
     ap.add_argument("--exit-start", type=float, default=0.3, help="fraction of stage 2 before withdrawal starts")
-    ap.add_argument("--eval-every", type=int, default=700)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=900)
+    ap.add_argument("--seed", type=int, default=1, help="the shipped run; seed 0 at batch 48 stalled at 88%%")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--init-std", type=float, default=INIT_STD)
     args = ap.parse_args(argv)

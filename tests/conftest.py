@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,13 @@ def pipelines():
         return cache[key]
 
     return get
+
+
+def copy_engine(src, tmp_path):
+    """A private copy of an engine folder (for tests that edit or break it)."""
+    dst = tmp_path / "engine"
+    shutil.copytree(src, dst)
+    return dst
 
 
 def make_image(seed: int = 0, size=(40, 52)):

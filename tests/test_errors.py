@@ -1,20 +1,17 @@
 """Bad inputs give one clear error and leave nothing half-written."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import make_image
+from conftest import copy_engine, make_image
 from dyvte.errors import EngineFolderError, InputError, PolicyError
 
 
 @pytest.fixture
 def engine_copy(llama, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(llama.engine_dir, dst)
-    return dst
+    return copy_engine(llama.engine_dir, tmp_path)
 
 
 def test_missing_image(llama, pipelines, tmp_path):
@@ -179,3 +176,21 @@ def test_manifest_problems(engine_copy):
 def test_not_a_folder(tmp_path):
     with pytest.raises(EngineFolderError, match="does not exist"):
         _load(tmp_path / "missing")
+
+
+@pytest.mark.skipif(__import__("dyvte.features", fromlist=["x"]).has_tensorrt(), reason="TensorRT is installed here")
+def test_tensorrt_absent_is_one_clear_error(llama, tmp_path):
+    from click.testing import CliRunner
+
+    from dyvte.cli import export_main, main
+    from dyvte.errors import BackendUnavailableError
+    from dyvte.runtime import Pipeline
+
+    out = tmp_path / "trt"
+    res = CliRunner().invoke(export_main, ["--model", str(llama.model_dir), "--out", str(out), "--engines", "tensorrt"])
+    assert res.exit_code == 1 and "TensorRT is not installed" in res.output
+    assert not out.exists() and not out.with_name("trt.partial").exists()  # failed before exporting anything
+    res = CliRunner().invoke(main, ["build", str(llama.engine_dir)])
+    assert res.exit_code == 1 and "TensorRT is not installed" in res.output
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
+        Pipeline.load(llama.engine_dir, backend="tensorrt")

@@ -1,7 +1,6 @@
 """TensorRT-compatibility lint (CPU) and the profiler (ONNX Runtime here)."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,13 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from conftest import copy_engine
 from dyvte.cli import main
 
 
 @pytest.fixture
 def engine(llama, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(llama.engine_dir, dst)
-    return dst
+    return copy_engine(llama.engine_dir, tmp_path)
 
 
 def _lint(engine, *args):

@@ -1,19 +1,17 @@
 """VTW calibration and the evaluation command on a tiny model with synthetic data."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
+from conftest import copy_engine
 from reference import forward_with_exit
 
 
 @pytest.fixture
 def engine(synth_model, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(synth_model.engine_dir, dst)
-    return dst
+    return copy_engine(synth_model.engine_dir, tmp_path)
 
 
 def test_vtw_kl_matches_reference_and_policy(engine, synth_model, synth_data):

@@ -24,7 +24,7 @@ class KVCache:
 
 
 class Runner(ABC):
-    """Runs the parts of an engine folder. Subclasses implement the ``*_impl``-free methods below."""
+    """Runs the parts of an engine folder; subclasses implement the abstract methods below."""
 
     name: str = "base"
 

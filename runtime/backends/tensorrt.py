@@ -17,9 +17,6 @@ from dyvte.errors import BackendUnavailableError, EngineFolderError, InputError
 
 from .base import MODES, KVCache, Runner
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64", "int32": "int32"}
-
-
 @dataclass
 class TrtCache(KVCache):
     buffers: list = field(default_factory=list)  # per layer: [(flat key, flat value), (flat key, flat value)]
@@ -80,7 +77,6 @@ class TensorRTRunner(Runner):
         self._dummy = torch.zeros(16, dtype=torch.float32, device=self.device)  # address for empty tensors
         self._segment_names = [p.name for p in manifest.segments]
         self._layers = [list(range(*p.layers)) for p in manifest.segments]
-        self.torch_stream = self.stream
 
     # -- execution -----------------------------------------------------------------------------
     def _execute(self, part: str, profile: int, inputs: dict, outputs: dict | None = None) -> dict:
@@ -119,7 +115,9 @@ class TensorRTRunner(Runner):
         return out
 
     def vision(self, pixel_values):
-        pv = pixel_values.to(self.device, dtype=self.torch_dtype("float32")).contiguous()
+        import torch
+
+        pv = pixel_values.to(self.device, torch.float32).contiguous()
         return self._on_stream(lambda: self._execute("vision", 0, {"pixel_values": pv})["image_features"])
 
     def embed(self, input_ids):
@@ -168,11 +166,6 @@ class TensorRTRunner(Runner):
         out = self._on_stream(lambda: self._execute(self._segment_names[index], profile, feeds, outs))
         cache.current, cache.length = dst, P + S
         return out["hidden_states_out"]
-
-    def torch_dtype(self, name):
-        import torch
-
-        return getattr(torch, name)
 
     def synchronize(self):
         self.stream.synchronize()
