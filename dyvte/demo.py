@@ -1,6 +1,6 @@
 """The embedded default model that ``dyvte-export`` uses without ``--model``.
 
-``dyvte/data/demo-llava`` is a small LLaVA (8 Llama layers, 36 visual tokens) trained on the
+``dyvte/assets/demo-llava`` is a small LLaVA (8 Llama layers, 36 visual tokens) trained on the
 synthetic visual QA of :mod:`dyvte.synth` by ``scripts/train_demo_model.py``, with DyVTE gates
 trained by ``dyvte train-gates`` (``gates.safetensors``); see the README for how and with what result.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).parent / "data" / "demo-llava"
+DEMO_DIR = Path(__file__).parent / "assets" / "demo-llava"
 GATES_NAME = "gates.safetensors"
 
 

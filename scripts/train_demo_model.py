@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded demo LLaVA on synthetic visual QA, on CPU, reproducibly.
 
-    python scripts/train_demo_model.py --out dyvte/data/demo-llava       (about 20 min on 2 cores)
+    python scripts/train_demo_model.py --out dyvte/assets/demo-llava       (about 20 min on 2 cores)
 
 Model: CLIP-style vision tower (96 px images, patch 16 -> 36 visual tokens, one per cell of the
 scene grid; 3 layers, features from the penultimate one as in LLaVA-1.5), 2-layer GELU
