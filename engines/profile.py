@@ -54,6 +54,7 @@ def polygraphy_commands(manifest, text_tokens: int = 40, batch: int = 1) -> list
         names = {t["name"] for t in part.inputs}
         vr = " ".join(f"{k}:{v}" for k, v in ranges.items() if k in names)
         for mode, axes, prof in modes:
+            axes["total"] = axes.get("past", 0) + axes["seq"]  # keys attended: cache + new tokens
             shp = shapes_for(part, axes)
             extra = f" --val-range {vr}" if vr else ""
             cmds.append(f"polygraphy run {part.onnx} --onnxrt --input-shapes {shp}{extra}  # {name} {mode}")

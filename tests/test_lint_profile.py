@@ -1,6 +1,7 @@
 """TensorRT-compatibility lint (CPU) and the profiler (ONNX Runtime here)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,16 @@ def test_polygraphy_commands_run(llama):
     from dyvte.engines.manifest import Manifest
     from dyvte.engines.profile import polygraphy_commands
 
-    cmds = polygraphy_commands(Manifest.load(llama.engine_dir), text_tokens=8)
+    m = Manifest.load(llama.engine_dir)
+    cmds = polygraphy_commands(m, text_tokens=8)
+    for c in cmds:  # every axis resolved to a number
+        shapes = c.split("--input-shapes ")[1].split(" --")[0].split("  #")[0].split()
+        assert all(re.fullmatch(r"[\w.]+:\[(\d+(,\d+)*)?\]", s) for s in shapes), c
+    full = next(c for c in cmds if c.endswith("segment_1 full"))
+    T = m.model["num_visual_tokens"] + 8
+    assert f"attention_mask:[1,{T}]" in full  # total = past + seq = 0 + prompt
+    decode = next(c for c in cmds if c.endswith("segment_1 decode"))
+    assert f"attention_mask:[1,{T + 1}]" in decode and f"past.1.key:[1,2,{T},16]" in decode
     for mode in ("segment_1 full", "segment_1 decode", "gate default"):
         cmd = next(c for c in cmds if c.endswith(mode)).split("  #")[0]
         args = cmd.split()[2:]  # drop "polygraphy run"
