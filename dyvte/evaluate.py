@@ -45,33 +45,35 @@ def evaluate(engine_dir, data=None, image_root=None, policies=None, backend="aut
         data, image_root = demo_split("heldout", max_samples or 600)
     qa = records_to_qa(load_records(data), image_root, max_samples)
     pipe = Pipeline.load(engine_dir, backend=backend)
-    m = pipe.manifest
-    policies = list(policies) if policies else default_policies(m)
-    for p in policies:
-        pipe.policy(p)  # fail early on an unknown or unavailable policy
-    t, n_vis = m.text, m.model["num_visual_tokens"]
-    vis = flops.manifest_vision_flops(m)
-    gate_hidden = int(m.gate.info.get("hidden", 0)) if m.gate else 0
-    encoded = [encode(pipe.processor, s.image, s.question) for s in qa]
-    rows = []
-    bar = tqdm(total=len(qa) * len(policies), desc="eval", unit="run", disable=not progress)
-    for pol in policies:
-        for s, (ids, px) in zip(qa, encoded):
-            r = pipe.generate_ids(ids[None].numpy(), px.numpy(), max_new_tokens=max_new_tokens, policy=pol,
-                                  gate_threshold=gate_threshold)
-            T, k = len(ids), r.exit_layer
-            n_new = len(r.token_ids)
-            dec_layers = (flops.prefill_flops(t, T, n_vis, k, head=False)
-                          + flops.decode_flops(t, T, n_vis, k, n_new, head=False))
-            total = (flops.prefill_flops(t, T, n_vis, k, vis, len(r.gate_probs), gate_hidden)
-                     + flops.decode_flops(t, T, n_vis, k, n_new))
-            rows.append({"policy": pol, "type": s.qtype, "answer": s.answer, "output": r.text,
-                         "correct": normalize(r.text) == normalize(s.answer), "exit_layer": k,
-                         "tflops": total / 1e12, "decoder_tflops": dec_layers / 1e12,
-                         "latency_s": r.timings["total_s"], "prompt_tokens": T})
-            bar.update(1)
-    bar.close()
-    pipe.close()
+    try:
+        m = pipe.manifest
+        policies = list(policies) if policies else default_policies(m)
+        for p in policies:
+            pipe.policy(p)  # fail early on an unknown or unavailable policy
+        t, n_vis = m.text, m.model["num_visual_tokens"]
+        vis = flops.manifest_vision_flops(m)
+        gate_hidden = int(m.gate.info.get("hidden", 0)) if m.gate else 0
+        encoded = [encode(pipe.processor, s.image, s.question) for s in qa]
+        rows = []
+        bar = tqdm(total=len(qa) * len(policies), desc="eval", unit="run", disable=not progress)
+        for pol in policies:
+            for s, (ids, px) in zip(qa, encoded):
+                r = pipe.generate_ids(ids[None].numpy(), px.numpy(), max_new_tokens=max_new_tokens, policy=pol,
+                                      gate_threshold=gate_threshold)
+                T, k = len(ids), r.exit_layer  # k = 0 only for layer:0, which skips the vision tower
+                n_new = len(r.token_ids)
+                dec_layers = (flops.prefill_flops(t, T, n_vis, k, head=False)
+                              + flops.decode_flops(t, T, n_vis, k, n_new, head=False))
+                total = (flops.prefill_flops(t, T, n_vis, k, vis if k > 0 else 0.0, len(r.gate_probs), gate_hidden)
+                         + flops.decode_flops(t, T, n_vis, k, n_new))
+                rows.append({"policy": pol, "type": s.qtype, "answer": s.answer, "output": r.text,
+                             "correct": normalize(r.text) == normalize(s.answer), "exit_layer": k,
+                             "tflops": total / 1e12, "decoder_tflops": dec_layers / 1e12,
+                             "latency_s": r.timings["total_s"], "prompt_tokens": T})
+                bar.update(1)
+        bar.close()
+    finally:
+        pipe.close()
     return summarize(rows, policies), rows
 
 

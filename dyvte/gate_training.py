@@ -140,8 +140,8 @@ def train_gates(s: GateTrainSettings) -> dict:
     log = _Log(s.log)
     if s.epochs < 1 or s.batch_size < 1 or s.forward_batch < 1 or s.hidden < 1:
         raise InputError("epochs, batch sizes and hidden must be positive")
-    if not 0 < s.agree <= 1 or s.alpha <= 0:
-        raise InputError("--agree must be in (0, 1] and --alpha positive")
+    if not 0 < s.agree < 1 or s.alpha <= 0:  # labels need agreement > agree: 1 would label nothing
+        raise InputError("--agree must be in (0, 1) and --alpha positive")
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = locate_model(s.model)
     qa = _load_qa(s)
@@ -158,12 +158,12 @@ def train_gates(s: GateTrainSettings) -> dict:
     work = Path(s.workdir or Path(str(s.out) + ".work"))
     work.mkdir(parents=True, exist_ok=True)
     key = _digest([str(model_dir), sorted(p.stat().st_size for p in model_dir.glob("*.safetensors")), cands,
-                   [(str(q.image), q.question, q.answer) for q in qa], s.alpha, s.agree])
+                   [(str(q.image), q.question, q.answer) for q in qa], s.alpha, s.agree, s.shard_size])
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state.get("labels_key") != key:
-        for p in work.glob("*"):
-            p.unlink()
+    if state.get("labels_key") != key:  # another model/data/criterion: drop our own files only
+        for p in [*work.glob("labels_*.safetensors"), work / "gates_checkpoint.safetensors"]:
+            p.unlink(missing_ok=True)
         state = {"labels_key": key}
         write_json(state_path, state)
     batcher = Batcher(processor)

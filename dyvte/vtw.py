@@ -36,20 +36,19 @@ def calibrate_vtw(engine_dir: str | Path, data=None, image_root=None, samples: i
     if data is None:
         data, image_root = demo_split("calib", samples)
     qa = records_to_qa(load_records(data), image_root, samples)
-    pipe = Pipeline.load(engine_dir, backend=backend)
-    L, cands = pipe.num_layers, pipe.candidates
-    kl = {d: 0.0 for d in cands}
-    for s in tqdm(qa, desc="vtw", unit="sample", disable=not progress):
-        full = pipe.generate(s.image, s.question, max_new_tokens=1, policy="never", return_logits=True).logits[0]
-        for d in cands:
-            w = pipe.generate(s.image, s.question, max_new_tokens=1, policy=f"layer:{d}", return_logits=True).logits[0]
-            kl[d] += _kl(w, full) / len(qa)
-    exit_layer = next((d for d in cands if kl[d] <= eta), L)
-    result = {"exit_layer": exit_layer, "eta": eta, "samples": len(qa), "mean_kl": {str(d): v for d, v in kl.items()},
-              "data": str(data)}
-    if save:
-        m = pipe.manifest
-        m.data.setdefault("calibration", {})["vtw"] = result
-        write_json(m.root / MANIFEST_NAME, m.data)
-    pipe.close()
+    with Pipeline.load(engine_dir, backend=backend) as pipe:
+        L, cands = pipe.num_layers, pipe.candidates
+        kl = {d: 0.0 for d in cands}
+        for s in tqdm(qa, desc="vtw", unit="sample", disable=not progress):
+            full = pipe.generate(s.image, s.question, max_new_tokens=1, policy="never", return_logits=True).logits[0]
+            for d in cands:
+                w = pipe.generate(s.image, s.question, max_new_tokens=1, policy=f"layer:{d}", return_logits=True).logits[0]
+                kl[d] += _kl(w, full) / len(qa)
+        exit_layer = next((d for d in cands if kl[d] <= eta), L)
+        result = {"exit_layer": exit_layer, "eta": eta, "samples": len(qa), "mean_kl": {str(d): v for d, v in kl.items()},
+                  "data": str(data)}
+        if save:
+            m = pipe.manifest
+            m.data.setdefault("calibration", {})["vtw"] = result
+            write_json(m.root / MANIFEST_NAME, m.data)
     return result

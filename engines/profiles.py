@@ -43,8 +43,9 @@ def part_profiles(manifest, part, limits: Limits) -> dict[str, dict[str, tuple[i
     b = (1, min(B, 1), B)
     if part.kind == "segment":
         return {
-            "full": {"batch": b, "seq": (V + 1, min(n_in, V + 64), n_in), "past": (0, 0, 0),
-                     "total": (V + 1, min(n_in, V + 64), n_in)},
+            # full prefill starts at 1 token: prompts without an image also run in full mode
+            "full": {"batch": b, "seq": (1, min(n_in, V + 64), n_in), "past": (0, 0, 0),
+                     "total": (1, min(n_in, V + 64), n_in)},
             "text": {"batch": b, "seq": (1, min(text_max, 64), text_max), "past": (0, 0, 0),
                      "total": (1, min(text_max, 64), text_max)},
             "decode": {"batch": b, "seq": (1, 1, 1), "past": (1, min(total - 1, n_in), total - 1),
@@ -55,7 +56,7 @@ def part_profiles(manifest, part, limits: Limits) -> dict[str, dict[str, tuple[i
     if part.kind == "embed":
         return {"default": {"batch": b, "seq": (1, min(n_in, V + 64), n_in)}}
     if part.kind == "gate":
-        return {"default": {"batch": b, "seq": (V + 1, min(n_in, V + 64), n_in)}}
+        return {"default": {"batch": b, "seq": (1, min(n_in, V + 64), n_in)}}
     if part.kind == "head":
         return {"default": {"batch": b, "seq": (1, 1, 1)}}
     raise ValueError(part.kind)

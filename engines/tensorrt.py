@@ -54,9 +54,19 @@ class BuildSettings:
     log: object = field(default=None, repr=False)
 
 
-def _key(manifest: Manifest, part, profiles: dict, version: str) -> str:
+def _device() -> str:
+    """The GPU plans are built for (a plan only runs on the GPU model it was built on)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "unknown GPU"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def _key(manifest: Manifest, part, profiles: dict, version: str, device: str) -> str:
     files = {rel: meta["sha256"] for rel, meta in manifest.data["files"].items() if rel.startswith(part.onnx)}
-    blob = json.dumps([files, profiles, version], sort_keys=True).encode()
+    blob = json.dumps([files, profiles, version, device], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -89,11 +99,12 @@ def build_engines(settings: BuildSettings) -> dict:
     cache_path = plan_dir / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
+    device = _device()
     results = {}
     bar = tqdm(total=len(manifest.parts), desc="tensorrt", unit="engine", disable=not settings.progress)
     for name, part in manifest.parts.items():
         profiles = part_profiles(manifest, part, limits)
-        key = _key(manifest, part, profiles, trt.__version__)
+        key = _key(manifest, part, profiles, trt.__version__, device)
         plan = plan_dir / f"{name}.plan"
         rec = state["parts"].get(name)
         if rec and rec["key"] == key and plan.is_file() and sha256_file(plan) == rec["sha256"]:
@@ -111,7 +122,9 @@ def build_engines(settings: BuildSettings) -> dict:
         if settings.workspace_gib:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another GPU/TensorRT: start afresh
+            log(f"note: {cache_path} does not match this GPU/TensorRT; starting a new timing cache")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
         for axes in profiles.values():
             prof = builder.create_optimization_profile()
             for inp, (lo, opt, hi) in input_shapes(part, axes).items():
@@ -122,15 +135,18 @@ def build_engines(settings: BuildSettings) -> dict:
         if blob is None:
             raise ExportError(f"TensorRT failed to build {name}; see the TensorRT log above")
         seconds = time.perf_counter() - t0
-        write_atomic(plan, bytes(blob))
-        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-        engine = runtime.deserialize_cuda_engine(bytes(blob))
+        write_atomic(plan, memoryview(blob))
+        timing = config.get_timing_cache()
+        if timing is not None:
+            write_atomic(cache_path, memoryview(timing.serialize()))
+        engine = runtime.deserialize_cuda_engine(blob)
         per_profile = {}
         for i, prof_name in enumerate(profiles):
             if hasattr(engine, "get_device_memory_size_for_profile_v2"):
                 per_profile[prof_name] = int(engine.get_device_memory_size_for_profile_v2(i))
             else:
                 per_profile[prof_name] = int(engine.get_device_memory_size_for_profile(i))
+        del engine, blob, timing, config, parser, network, builder  # free GPU/host memory before the next part
         rec = {"key": key, "plan": f"{PLAN_DIR}/{name}.plan", "sha256": sha256_file(plan), "size": plan.stat().st_size,
                "profiles": list(profiles), "build_seconds": round(seconds, 2), "device_memory": per_profile}
         state["parts"][name] = rec
@@ -139,12 +155,12 @@ def build_engines(settings: BuildSettings) -> dict:
         bar.update(1)
     bar.close()
     data = manifest.data
-    data["engines"] = {"tensorrt": {"version": trt.__version__, "limits": limits.__dict__,
+    data["engines"] = {"tensorrt": {"version": trt.__version__, "device": device, "limits": limits.__dict__,
                                     "parts": {n: {k: r[k] for k in ("plan", "profiles", "device_memory")}
                                               for n, r in results.items()}}}
     for r in results.values():
         data["files"][r["plan"]] = {"size": r["size"], "sha256": r["sha256"]}
-    report = {"tensorrt": trt.__version__, "limits": limits.__dict__,
+    report = {"tensorrt": trt.__version__, "device": device, "limits": limits.__dict__,
               "engines": {n: {k: r[k] for k in ("size", "build_seconds", "device_memory")} for n, r in results.items()},
               "total_build_seconds": round(sum(r["build_seconds"] for r in results.values()), 2)}
     write_json(root / "build_report.json", report)

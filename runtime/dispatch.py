@@ -144,6 +144,7 @@ class Dispatcher:
 
     def prefill(self, batch: Batch, policy: Policy, threshold: float, max_new: int):
         runner, B = self.runner, batch.ids.shape[0]
+        runner.begin_request()  # caches of earlier requests may be reused from here on
         L = self.manifest.num_layers
         dev = batch.ids.device
         exit_layers = [L] * B

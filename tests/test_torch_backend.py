@@ -92,3 +92,19 @@ def test_cuda_matches_onnxruntime(tiny, pipelines, graphs):
     alone = [ort.generate(make_image(s), p, max_new_tokens=5, policy="gate", return_logits=True) for s, p in enumerate(PROMPTS)]
     for x, y in zip(batch, alone):
         _compare(x, y, atol=2e-3)
+
+
+def test_reused_caches_match_fresh_ones(llama, pipelines, torch_pipes):
+    """Pooled caches (what CUDA graphs replay on) give the same answers across requests of
+    different lengths, batch sizes and exits as fresh caches."""
+    ort, pt = pipelines(llama.engine_dir), torch_pipes(llama.engine_dir, device="cpu", reuse_caches=True)
+    for _ in range(2):
+        for seed, prompt in enumerate(PROMPTS):
+            for policy in ("gate", "never", "layer:1"):
+                kw = dict(max_new_tokens=5, policy=policy, return_logits=True)
+                _compare(pt.generate(make_image(seed), prompt, **kw), ort.generate(make_image(seed), prompt, **kw))
+        images = [make_image(s) for s in range(3)]
+        for x, y in zip(pt.generate(images, PROMPTS, max_new_tokens=4, policy="gate", return_logits=True),
+                        ort.generate(images, PROMPTS, max_new_tokens=4, policy="gate", return_logits=True)):
+            _compare(x, y)
+    assert pt.runner._pool and all(len(v) == 1 for v in pt.runner._pool.values())  # reused, not regrown

@@ -63,6 +63,9 @@ class Runner(ABC):
     device = None  # torch.device
     dtype = None  # torch dtype of activations
 
+    def begin_request(self) -> None:
+        """A new prefill starts: caches handed out for earlier requests are free to reuse."""
+
     def synchronize(self) -> None:
         """Wait for queued device work (timings)."""
 

@@ -171,8 +171,11 @@ class TensorRTRunner(Runner):
         self.stream.synchronize()
 
     def close(self):
+        if self.contexts:
+            self.stream.synchronize()  # nothing may still run on the contexts or the scratch buffer
         self.contexts.clear()
         self.engines.clear()
+        self.scratch = None
 
 
 def _dtype_of(trt_dtype, trt):

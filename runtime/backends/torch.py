@@ -37,6 +37,10 @@ def load_state(module, manifest: Manifest, part) -> None:
     module.load_state_dict(state)
 
 
+_CAPACITY_STEP = 64  # pooled caches round their capacity up to a multiple of this
+_MAX_POOLED = 64  # pooled (segment, batch, capacity) shapes before unused ones are dropped
+
+
 @dataclass
 class TorchCache(KVCache):
     kv: list = field(default_factory=list)  # [(key, value)] per layer, [B,Hkv,C,hd]
@@ -44,6 +48,7 @@ class TorchCache(KVCache):
     length: int = 0
     batch: int = 0
     graph: object = None  # captured decode step (CUDA)
+    in_use: bool = False  # handed out for the current request (pooled caches)
 
 
 class _DecodeGraph:
@@ -53,6 +58,12 @@ class _DecodeGraph:
         import torch
 
         dev = cache.mask.device
+        with torch.cuda.device(dev):
+            self._capture(segment, cache, dim, dtype, dev)
+
+    def _capture(self, segment, cache: TorchCache, dim: int, dtype, dev):
+        import torch
+
         B = cache.batch
         self.x = torch.zeros(B, 1, dim, dtype=dtype, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.int64, device=dev)
@@ -61,7 +72,7 @@ class _DecodeGraph:
         live = cache.kv
         cache.kv = [(torch.empty_like(k), torch.empty_like(v)) for k, v in live]
         scratch = cache.kv
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -85,9 +96,12 @@ class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: str | None = None, dtype: str | None = None,
-                 cuda_graphs: bool = True, random_weights: bool = False, hf_config=None):
+                 cuda_graphs: bool = True, random_weights: bool = False, hf_config=None,
+                 reuse_caches: bool | None = None):
         """``random_weights`` builds the same modules with random weights (benchmarks of model
-        shapes without checkpoints); ``hf_config`` then gives the vision tower's config."""
+        shapes without checkpoints); ``hf_config`` then gives the vision tower's config.
+        ``reuse_caches`` (default: when CUDA graphs are on) keeps caches, and the decode graphs
+        captured on them, for later requests of the same batch size and rounded capacity."""
         import torch
 
         from dyvte.exporter.hf import build_vision_encoder
@@ -102,15 +116,17 @@ class TorchRunner(Runner):
             raise InputError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = getattr(torch, dtype)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.reuse_caches = self.cuda_graphs if reuse_caches is None else reuse_caches
+        self._pool: dict[tuple, list[TorchCache]] = {}  # (segment, batch, capacity) -> caches
         spec = TextSpec.from_dict(manifest.text)
         self.spec = spec
 
         if random_weights:
             torch.manual_seed(0)
 
-        def build(module, part):
+        def build(module, part, dtype=self.dtype):
             if random_weights:
-                module = module.to(self.device, self.dtype)
+                module = module.to(self.device, dtype)
                 with torch.no_grad():
                     for name, p in module.named_parameters():
                         if p.ndim > 1 or name.endswith("fc1") or name.endswith("fc2"):
@@ -121,7 +137,7 @@ class TorchRunner(Runner):
                             p.fill_(1.0)
             else:
                 load_state(module, manifest, part)
-            return module.to(self.device, self.dtype).eval()
+            return module.to(self.device, dtype).eval()
 
 
         inv_freq = None
@@ -145,7 +161,8 @@ class TorchRunner(Runner):
         if manifest.gate is not None:
             g = manifest.gate
             hidden = int(g.info["hidden"])
-            self.gate_mod = build(GateBank(len(g.info["layers"]), hidden, spec.hidden_size), g)
+            # float32 like the gate graph, so that exit decisions agree across backends
+            self.gate_mod = build(GateBank(len(g.info["layers"]), hidden, spec.hidden_size), g, torch.float32)
 
     # -- parts ---------------------------------------------------------------------------------
     def _no_grad(fn):  # noqa: N805
@@ -165,7 +182,30 @@ class TorchRunner(Runner):
     def embed(self, input_ids):
         return self.embed_mod(input_ids.to(self.device))
 
+    def begin_request(self):
+        for caches in self._pool.values():
+            for c in caches:
+                c.in_use = False
+
     def new_cache(self, segment, batch, capacity):
+        if not self.reuse_caches:
+            return self._alloc_cache(segment, batch, capacity)
+        capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP  # similar requests share caches and graphs
+        key = (segment, batch, capacity)
+        caches = self._pool.setdefault(key, [])
+        for c in caches:
+            if not c.in_use:
+                c.mask.zero_()  # stale keys/values stay but are masked out
+                c.length, c.in_use = 0, True
+                return c
+        if len(self._pool) > _MAX_POOLED:  # bound the memory held for odd shapes
+            self._pool = {k: v for k, v in self._pool.items() if k == key or any(c.in_use for c in v)}
+        c = self._alloc_cache(segment, batch, capacity)
+        c.in_use = True
+        caches.append(c)
+        return c
+
+    def _alloc_cache(self, segment, batch, capacity):
         import torch
 
         n_layers = len(self.segments[segment].layers)
@@ -215,3 +255,4 @@ class TorchRunner(Runner):
 
     def close(self):
         self.segments = []
+        self._pool.clear()
