@@ -116,14 +116,6 @@ def _gate_step(f, y, fc1, fc2, opt, lr: float) -> float:
     return loss.item()
 
 
-class _Log:
-    def __init__(self, fn):
-        self.fn = fn or (lambda m: None)
-
-    def __call__(self, msg):
-        self.fn(msg)
-
-
 def train_gates(s: GateTrainSettings) -> dict:
     """Run both phases; writes ``s.out`` (+ ``<out>.json`` report) and returns the report."""
     import torch
@@ -137,7 +129,7 @@ def train_gates(s: GateTrainSettings) -> dict:
     from .data import Batcher
     from .exits import ExitModel
 
-    log = _Log(s.log)
+    log = s.log or (lambda msg: None)
     if s.epochs < 1 or s.batch_size < 1 or s.forward_batch < 1 or s.hidden < 1:
         raise InputError("epochs, batch sizes and hidden must be positive")
     if not 0 < s.agree < 1 or s.alpha <= 0:  # labels need agreement > agree: 1 would label nothing
@@ -222,8 +214,7 @@ def train_gates(s: GateTrainSettings) -> dict:
     for j in range(len(cands)):
         torch.nn.init.xavier_uniform_(fc1.data[j], generator=gen)
         torch.nn.init.xavier_uniform_(fc2.data[j], generator=gen)
-    gdev = device
-    fc1.data, fc2.data = fc1.data.to(gdev), fc2.data.to(gdev)
+    fc1.data, fc2.data = fc1.data.to(device), fc2.data.to(device)
     opt = torch.optim.AdamW([fc1, fc2], lr=s.lr, weight_decay=s.weight_decay)
     N = len(F)
     per_epoch = math.ceil(N / s.batch_size)
@@ -239,15 +230,12 @@ def train_gates(s: GateTrainSettings) -> dict:
         c = load_file(str(ckpt))
         fc1.data.copy_(c["fc1"])
         fc2.data.copy_(c["fc2"])
-        opt.state[fc1] = {"step": c["fc1.step"], "exp_avg": c["fc1.exp_avg"].to(gdev), "exp_avg_sq": c["fc1.exp_avg_sq"].to(gdev)}
-        opt.state[fc2] = {"step": c["fc2.step"], "exp_avg": c["fc2.exp_avg"].to(gdev), "exp_avg_sq": c["fc2.exp_avg_sq"].to(gdev)}
+        opt.state[fc1] = {"step": c["fc1.step"], "exp_avg": c["fc1.exp_avg"].to(device), "exp_avg_sq": c["fc1.exp_avg_sq"].to(device)}
+        opt.state[fc2] = {"step": c["fc2.step"], "exp_avg": c["fc2.exp_avg"].to(device), "exp_avg_sq": c["fc2.exp_avg_sq"].to(device)}
         step = int(c["step"])
         log(f"resuming gate training at step {step} of {total}")
     state["train_key"] = train_key
     write_json(state_path, state)
-
-    def forward(f):  # f [b,K,2d] -> logits [b,K,2]
-        return _gate_logits(f, fc1, fc2)
 
     def save_ckpt():
         st1, st2 = opt.state.get(fc1, {}), opt.state.get(fc2, {})
@@ -271,7 +259,7 @@ def train_gates(s: GateTrainSettings) -> dict:
     while step < total:
         e, j = divmod(step, per_epoch)
         idx = torch.tensor(flat[e * N + j * s.batch_size: e * N + min((j + 1) * s.batch_size, N)])
-        loss = _gate_step(F[idx].to(gdev), Y[idx].to(gdev), fc1, fc2, opt, lr_at(step))
+        loss = _gate_step(F[idx].to(device), Y[idx].to(device), fc1, fc2, opt, lr_at(step))
         step += 1
         losses.append(loss)
         bar.update(1)
@@ -279,7 +267,7 @@ def train_gates(s: GateTrainSettings) -> dict:
             save_ckpt()
     bar.close()
     with torch.no_grad():
-        pred = torch.cat([forward(F[i: i + 4096].to(gdev)).argmax(-1).cpu() for i in range(0, N, 4096)])
+        pred = torch.cat([_gate_logits(F[i: i + 4096].to(device), fc1, fc2).argmax(-1).cpu() for i in range(0, N, 4096)])
     train_acc = {int(k): round(float((pred[:, j] == Y[:, j]).float().mean()), 4) for j, k in enumerate(cands)}
     gates = {k: (fc1[j].detach().cpu(), fc2[j].detach().cpu()) for j, k in enumerate(cands)}
     Path(s.out).parent.mkdir(parents=True, exist_ok=True)

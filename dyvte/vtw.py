@@ -28,6 +28,7 @@ def calibrate_vtw(engine_dir: str | Path, data=None, image_root=None, samples: i
     from dyvte.engines.files import write_json
     from dyvte.errors import InputError
     from dyvte.runtime import Pipeline
+    from dyvte.runtime.inputs import encode
     from dyvte.settings import MANIFEST_NAME
     from dyvte.synth import demo_split, load_records
 
@@ -40,10 +41,15 @@ def calibrate_vtw(engine_dir: str | Path, data=None, image_root=None, samples: i
         L, cands = pipe.num_layers, pipe.candidates
         kl = {d: 0.0 for d in cands}
         for s in tqdm(qa, desc="vtw", unit="sample", disable=not progress):
-            full = pipe.generate(s.image, s.question, max_new_tokens=1, policy="never", return_logits=True).logits[0]
+            ids, px = encode(pipe.processor, s.image, s.question)  # once per sample, not once per layer
+            ids, px = ids[None].numpy(), px.numpy()
+
+            def first_logits(policy):
+                return pipe.generate_ids(ids, px, max_new_tokens=1, policy=policy, return_logits=True).logits[0]
+
+            full = first_logits("never")
             for d in cands:
-                w = pipe.generate(s.image, s.question, max_new_tokens=1, policy=f"layer:{d}", return_logits=True).logits[0]
-                kl[d] += _kl(w, full) / len(qa)
+                kl[d] += _kl(first_logits(f"layer:{d}"), full) / len(qa)
         exit_layer = next((d for d in cands if kl[d] <= eta), L)
         result = {"exit_layer": exit_layer, "eta": eta, "samples": len(qa), "mean_kl": {str(d): v for d, v in kl.items()},
                   "data": str(data)}
