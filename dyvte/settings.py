@@ -37,6 +37,12 @@ TOLERANCES = {
     "bfloat16": (1e-1, 5e-2),
 }
 
+#: torch backend: pooled KV caches (and the CUDA graphs captured on them) are bucketed by
+#: capacity rounded up to this many tokens, and idle ones are freed, least recently used first,
+#: once the pool holds more than this many bytes (``Pipeline.load(..., cache_pool_bytes=N)``).
+CACHE_CAPACITY_STEP = 64
+DEFAULT_CACHE_POOL_BYTES = 4 << 30
+
 #: Generation defaults.
 DEFAULT_MAX_NEW_TOKENS_RUN = 64
 

@@ -87,43 +87,53 @@ def save_onnx(model, path: Path) -> list[Path]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def read_initializers(onnx_path: Path, names: set[str] | None = None) -> dict:
-    """Read an ONNX file's initializers as torch tensors without unpickling anything.
+class OnnxWeights:
+    """The initializers of an ONNX file, read one at a time without unpickling anything.
 
-    External data is read from files that must lie inside the ONNX file's folder.
+    ``weights[name]`` reads that tensor (CPU, its stored dtype) from the external data file, so a
+    loader holds at most one tensor beyond what it keeps. External data must lie inside the ONNX
+    file's folder.
     """
-    import numpy as np
-    import onnx
-    import torch
-    from onnx import numpy_helper
 
-    onnx_path = Path(onnx_path)
-    try:
-        model = onnx.load(onnx_path, load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise EngineFolderError(f"{onnx_path} is not a readable ONNX file ({exc}); re-export the folder") from None
-    out = {}
-    for init in model.graph.initializer:
-        if names is not None and init.name not in names:
-            continue
+    def __init__(self, onnx_path: Path):
+        import onnx
+
+        self.path = Path(onnx_path)
+        try:
+            model = onnx.load(self.path, load_external_data=False)
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise EngineFolderError(f"{self.path} is not a readable ONNX file ({exc}); re-export the folder") from None
+        self._inits = {init.name: init for init in model.graph.initializer}
+
+    def __contains__(self, name) -> bool:
+        return name in self._inits
+
+    def __iter__(self):
+        return iter(self._inits)
+
+    def __getitem__(self, name: str):
+        import numpy as np
+        import onnx
+        import torch
+        from onnx import numpy_helper
+
+        init = self._inits[name]
         dtype = _ONNX_DTYPES.get(init.data_type)
         if dtype is None:
-            raise EngineFolderError(f"{onnx_path}: initializer {init.name} has unsupported type {init.data_type}")
-        shape = tuple(init.dims)
+            raise EngineFolderError(f"{self.path}: initializer {name} has unsupported type {init.data_type}")
+        tdt, shape = getattr(torch, dtype), tuple(init.dims)
         if init.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in init.external_data}
-            src = inside(onnx_path.parent, info["location"])
+            src = inside(self.path.parent, info["location"])
             offset, length = int(info.get("offset", 0)), int(info["length"])
             with open(src, "rb") as f:
                 f.seek(offset)
                 raw = bytearray(f.read(length))
             if len(raw) != length:
-                raise EngineFolderError(f"{src} is truncated (initializer {init.name}); re-export the folder")
-            t = torch.frombuffer(raw, dtype=getattr(torch, dtype)) if raw else torch.empty(0, dtype=getattr(torch, dtype))
-            out[init.name] = t.reshape(shape)
-        elif dtype == "bfloat16":
+                raise EngineFolderError(f"{src} is truncated (initializer {name}); re-export the folder")
+            t = torch.frombuffer(raw, dtype=tdt) if raw else torch.empty(0, dtype=tdt)
+            return t.reshape(shape)
+        if dtype == "bfloat16":
             raw = np.frombuffer(init.raw_data, dtype=np.uint16).copy()
-            out[init.name] = torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
-        else:
-            out[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
-    return out
+            return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(numpy_helper.to_array(init).copy())

@@ -14,7 +14,9 @@ text-only, prefill or decode) with an explicit KV cache:
     -> hidden_states_out [B,S,D], present.{i}.key/value [B,Hkv,P+S,hd]
 
 Attention is plain MatMul/Softmax (no If/Loop, no ONNX Attention op); the causal part of the
-mask is built inside from P = T - S; RMSNorm and softmax run in float32 whatever the dtype.
+mask is built inside from P = T - S; position math (RoPE frequencies, cos/sin and the rotation),
+RMSNorm and softmax run in float32 whatever the activation dtype. The torch backend runs the
+same modules through ``forward_static`` (preallocated caches, fused attention).
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B,H,S,hd] by float32 cos/sin [B,1,S,hd]; the rotation is computed in float32."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
@@ -96,9 +104,7 @@ class Attention(nn.Module):
         q = q.reshape(B, S, h, hd).transpose(1, 2)  # [B,H,S,hd]
         k = k.reshape(B, S, hkv, hd).transpose(1, 2)  # [B,Hkv,S,hd]
         v = v.reshape(B, S, hkv, hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, key, value, bias):
         """q [B,H,S,hd] over key/value [B,Hkv,T,hd] with bias [B,1,1,S,T] -> [B,S,D]."""
@@ -121,14 +127,31 @@ class Attention(nn.Module):
         value = torch.cat([past_value, v], dim=2)
         return self.attend(q, key, value, bias), key, value
 
-    def forward_static(self, x, cos, sin, bias, cache_key, cache_value, index, length=None):
-        """Like forward, with preallocated caches [B,Hkv,C,hd] written in place at ``index`` [S];
-        attends over the first ``length`` slots (None: all C, the rest masked by ``bias``)."""
+    def attend_fused(self, q, key, value, allowed):
+        """q [B,H,S,hd] over key/value [B,Hkv,T,hd] where allowed [B,S,T] (bool) -> [B,S,D].
+
+        torch's fused ``scaled_dot_product_attention`` (flash/memory-efficient kernels on GPU,
+        float32 accumulation in low precision), with the same grouping of query heads as
+        :meth:`attend`, so K/V are never repeated. Every row must allow at least one key.
+        """
+        B, h, S, hd = q.shape
+        hkv, T = self.num_kv_heads, key.shape[2]
+        g = h // hkv
+        qg = q.reshape(B, hkv, g * S, hd)
+        mask = allowed[:, None, None].expand(B, 1, g, S, T).reshape(B, 1, g * S, T)
+        out = nn.functional.scaled_dot_product_attention(qg, key, value, attn_mask=mask, scale=self.scaling)
+        out = out.view(B, h, S, hd).transpose(1, 2).reshape(B, S, h * hd)  # [B,S,H*hd]
+        return self.o_proj(out)
+
+    def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None):
+        """Like forward, with preallocated caches [B,Hkv,C,hd] written in place at ``index`` [S]
+        and fused attention; attends over the first ``length`` slots (None: all C, the unused
+        ones excluded by ``allowed`` [B,S,length or C])."""
         q, k, v = self.project(x, cos, sin)
         cache_key.index_copy_(2, index, k)
         cache_value.index_copy_(2, index, v)
         key, value = (cache_key, cache_value) if length is None else (cache_key[:, :, :length], cache_value[:, :, :length])
-        return self.attend(q, key, value, bias)
+        return self.attend_fused(q, key, value, allowed)
 
 
 class MLP(nn.Module):
@@ -173,23 +196,33 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, key, value
 
-    def forward_static(self, x, cos, sin, bias, cache_key, cache_value, index, length=None):
-        x = x + self.self_attn.forward_static(self.input_layernorm(x), cos, sin, bias, cache_key, cache_value, index, length)
+    def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None):
+        x = x + self.self_attn.forward_static(self.input_layernorm(x), cos, sin, allowed, cache_key, cache_value, index,
+                                              length)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_bias(attention_mask: torch.Tensor, query_len, start=None) -> torch.Tensor:
-    """Additive float32 mask [B,1,1,S,T] from key padding [B,T]; causal over cache order.
+def attention_allowed(attention_mask: torch.Tensor, query_len, start=None, self_always: bool = False) -> torch.Tensor:
+    """Which keys each query sees, bool [B,S,T], from key padding [B,T]; causal over cache order.
 
     Query s sits at cache index start + s (default start = T - S) and sees keys j <= that
-    index whose mask is 1. A fully masked row (a left-padding query) gets equal scores, never NaN.
+    index whose mask is 1. ``self_always``: a query also sees its own slot, so that no row is
+    empty (a left-padding query; fused kernels give NaN on empty rows).
     """
     T = attention_mask.shape[1]
     dev = attention_mask.device
     q_idx = torch.arange(query_len, device=dev) + (T - query_len if start is None else start)  # [S]
     k_idx = torch.arange(T, device=dev)  # [T]
     allowed = (k_idx[None, :] <= q_idx[:, None])[None] & attention_mask[:, None, :].bool()  # [B,S,T]
-    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    if self_always:
+        allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
+    return allowed
+
+
+def attention_bias(attention_mask: torch.Tensor, query_len, start=None) -> torch.Tensor:
+    """Additive float32 mask [B,1,1,S,T] of :func:`attention_allowed`. A fully masked row (a
+    left-padding query) gets equal scores, never NaN."""
+    bias = torch.where(attention_allowed(attention_mask, query_len, start), 0.0, torch.finfo(torch.float32).min)
     return bias[:, None, None]
 
 
@@ -204,15 +237,24 @@ class DecoderSegment(nn.Module):
             inv_freq = torch.zeros(spec.rope_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float().clone())
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        # position_ids: [B,S] -> cos/sin [B,1,S,hd]
-        freqs = position_ids[..., None].float() * self.inv_freq  # [B,S,hd/2]
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round the RoPE frequencies (an fp16 inv_freq is off by
+        # whole radians at positions in the thousands): they follow device moves, stay float32.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if inv_freq.device.type != "meta" or self.inv_freq.device.type == "meta":
+            self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
+        return self
+
+    def rope(self, position_ids: torch.Tensor):
+        # position_ids: [B,S] -> float32 cos/sin [B,1,S,hd], whatever the activation dtype
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B,S,hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         scale = self.spec.attention_scaling
-        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+        return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]
 
     def forward(self, hidden_states, position_ids, attention_mask, *past):
-        cos, sin = self.rope(position_ids, hidden_states.dtype)
+        cos, sin = self.rope(position_ids)
         bias = attention_bias(attention_mask, hidden_states.shape[1])
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers.values()):
@@ -230,11 +272,11 @@ class DecoderSegment(nn.Module):
         S = hidden_states.shape[1]
         index = start + torch.arange(S, device=hidden_states.device)  # [S]
         mask = attention_mask if length is None else attention_mask[:, :length]
-        cos, sin = self.rope(position_ids, hidden_states.dtype)
-        bias = attention_bias(mask, S, start)
+        cos, sin = self.rope(position_ids)
+        allowed = attention_allowed(mask, S, start, self_always=True)  # [B,S,T]
         x = hidden_states
         for layer, (key, value) in zip(self.layers.values(), caches):
-            x = layer.forward_static(x, cos, sin, bias, key, value, index, length)
+            x = layer.forward_static(x, cos, sin, allowed, key, value, index, length)
         return x
 
 

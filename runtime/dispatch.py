@@ -5,6 +5,11 @@ segment a batch is split into at most two groups: sequences still carrying their
 ("full") and sequences that exited ("text", visual positions removed, original position ids
 kept). Each group runs as its own batch with its own KV cache, so an exited sample costs what it
 would cost alone. Decisions are taken once, at prefill; decoding reuses the same groups.
+
+Only rows with visual tokens and at least one text token after them can exit: a prompt without
+an image has nothing to drop, and one that ends with its image has no text for the gate to
+read. Such rows run every layer in the full group (exit layer L, no gate probabilities) under
+every policy.
 """
 
 from __future__ import annotations
@@ -83,23 +88,24 @@ class SegmentGroup:
 
 @dataclass
 class Batch:
-    """Left-padded prompts. ids/mask/visual/text_mask: [B,T]; lengths [B] real prompt lengths."""
+    """Left-padded prompts. ids/mask/visual/text_mask: [B,T]; lengths, exitable [B]."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     visual: torch.Tensor
     text_mask: torch.Tensor
-    lengths: torch.Tensor
+    lengths: torch.Tensor  # real prompt lengths
     pixel_values: torch.Tensor | None  # [N,3,H,W] in prompt order
+    exitable: torch.Tensor  # bool: visual tokens with text after them (see module docstring)
 
 
 @dataclass
 class Generation:
     tokens: list  # per sample: list[int]
-    logits: list  # per sample: list of [V] float32 tensors (when requested)
+    logits: list  # per sample: [n, V] float32 tensor (when requested)
     exit_layers: list
     gate_probs: list  # per sample: {layer: p_exit}
-    finish: list  # "eos" | "length"
+    finish: list  # "eos" | "length" | "stop"
     timings: dict = field(default_factory=dict)
 
 
@@ -115,9 +121,11 @@ def make_batch(prompts: list[torch.Tensor], pixel_values, image_token_id: int, d
     cols = torch.arange(T)
     last_visual = torch.where(visual, cols, -1).max(1).values  # [B], -1 without image
     text_mask = ((cols[None] > last_visual[:, None]) & (cols[None] < T - 1) & mask.bool()).long()
+    exitable = (last_visual >= 0) & (last_visual < T - 1)  # [B]: an image, and text after it
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     pv = pixel_values.to(device) if pixel_values is not None else None
-    return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device), pv)
+    return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device), pv,
+                 exitable.to(device))
 
 
 class Dispatcher:
@@ -129,17 +137,24 @@ class Dispatcher:
         self.gate_index = {k: i for i, k in enumerate(manifest.gate_layers)}
 
     # -- prefill -----------------------------------------------------------------------------
-    def _exits(self, boundary: int, g: Group, policy: Policy, threshold: float, probs_out: list):
-        """Which rows of ``g`` drop their visual tokens before layer ``boundary`` (bool [G])."""
+    def _exits(self, boundary: int, g: Group, exitable: torch.Tensor, policy: Policy, threshold: float,
+               probs_out: list):
+        """Which rows of ``g`` drop their visual tokens before layer ``boundary`` (bool [G]).
+        ``exitable`` [G]: rows that can exit at all; the gate reads only those."""
+        if not bool(exitable.any()):
+            return None
         if policy.gated:
             if boundary not in self.gate_index:
                 return None
-            probs = self.runner.gate(g.hidden, g.text_mask, self.gate_index[boundary])[:, 1].float()
-            for row, p in zip(g.rows.tolist(), probs.tolist()):
+            sub = g if bool(exitable.all()) else g.select(exitable)
+            probs = self.runner.gate(sub.hidden, sub.text_mask, self.gate_index[boundary])[:, 1].float()
+            for row, p in zip(sub.rows.tolist(), probs.tolist()):
                 probs_out[row][boundary] = p
-            return probs > threshold
+            leave = torch.zeros_like(exitable)
+            leave[exitable] = probs.to(leave.device) > threshold
+            return leave
         if policy.fixed_exit(boundary):
-            return torch.ones(len(g.rows), dtype=torch.bool, device=g.rows.device)
+            return exitable
         return None
 
     def prefill(self, batch: Batch, policy: Policy, threshold: float, max_new: int):
@@ -163,7 +178,7 @@ class Dispatcher:
         state = []
         for j, (a, b) in enumerate(self.segments):
             if full is not None:
-                leave = self._exits(a, full, policy, threshold, probs)
+                leave = self._exits(a, full, batch.exitable[full.rows], policy, threshold, probs)
                 if leave is not None and bool(leave.any()):
                     for r in full.rows[leave].tolist():
                         exit_layers[r] = a
@@ -174,7 +189,7 @@ class Dispatcher:
                 if g is None:
                     continue
                 G, S = g.mask.shape
-                cache = runner.new_cache(j, G, S + max_new)
+                cache = runner.new_cache(j, G, S + max_new, mode)
                 g.hidden = runner.segment(j, g.hidden, g.position_ids, g.mask, cache, mode)
                 mask = torch.ones(G, S + max_new, dtype=torch.int64, device=dev)
                 mask[:, :S] = g.mask
@@ -204,23 +219,46 @@ class Dispatcher:
         return hidden
 
     @torch.inference_mode()
-    def generate(self, batch: Batch, policy: Policy, threshold: float, max_new: int, sampler,
-                 eos_ids: list[int], return_logits: bool) -> Generation:
+    def generate(self, batch: Batch, policy: Policy, threshold: float, max_new: list[int], sampler,
+                 eos_ids: list[int], return_logits: bool, on_step=None) -> Generation:
+        """Prefill, then decode until every row has its ``max_new[row]`` tokens, an EOS, or a stop.
+
+        ``on_step(step, tokens, active)``, if given, is called after every step with the new
+        token of each row (list[int]) and which rows were still generating (list[bool]); it
+        returns the rows to stop after this token (finish reason "stop"), or None.
+        """
         runner = self.runner
         B = batch.ids.shape[0]
-        eos = torch.tensor(eos_ids or [-1], device=batch.ids.device)
+        eos_set = set(eos_ids)
+        ends: list = [None] * B  # (tokens generated, finish reason) of finished rows
+
+        def record(step: int, token) -> bool:
+            """Mark rows finished by this step's token; True when all are."""
+            toks = token.tolist()
+            active = [e is None for e in ends]
+            stop = set(on_step(step, toks, active) or ()) if on_step is not None else set()
+            for i in range(B):
+                if ends[i] is None:
+                    n = step + 1
+                    if toks[i] in eos_set:
+                        ends[i] = (n, "eos")
+                    elif i in stop:
+                        ends[i] = (n, "stop")
+                    elif n >= max_new[i]:
+                        ends[i] = (n, "length")
+            return all(e is not None for e in ends)
+
         runner.synchronize()
         t0 = time.perf_counter()
-        last, state, exit_layers, probs, vision_s = self.prefill(batch, policy, threshold, max_new)
+        last, state, exit_layers, probs, vision_s = self.prefill(batch, policy, threshold, max(max_new))
         logits = runner.head(last)[:, -1].float()  # [B,V]
         token = sampler(logits)
         tokens, kept_logits = [token], [logits] if return_logits else []
-        done = torch.isin(token, eos)
+        finished = record(0, token)
         runner.synchronize()
         t1 = time.perf_counter()
-        for step in range(1, max_new):
-            if bool(done.all()):
-                break
+        step = 1
+        while not finished:
             positions = (batch.lengths + step - 1)[:, None]  # full-length positions, exit or not
             hidden = self.decode_step(runner.embed(token[:, None]), positions, state)
             logits = runner.head(hidden)[:, -1].float()
@@ -228,19 +266,14 @@ class Dispatcher:
             tokens.append(token)
             if return_logits:
                 kept_logits.append(logits)
-            done |= torch.isin(token, eos)
+            finished = record(step, token)
+            step += 1
         runner.synchronize()
         t2 = time.perf_counter()
         steps = torch.stack(tokens, 1).cpu()  # [B,n]
         all_logits = torch.stack(kept_logits, 1).cpu() if return_logits else None
-        out_tokens, out_logits, finish = [], [], []
-        eos_set = set(eos_ids)
-        for i in range(B):
-            seq = steps[i].tolist()
-            n = next((k + 1 for k, t in enumerate(seq) if t in eos_set), len(seq))
-            out_tokens.append(seq[:n])
-            out_logits.append(all_logits[i, :n] if return_logits else None)
-            finish.append("eos" if n <= len(seq) and seq[n - 1] in eos_set else "length")
+        out_tokens = [steps[i, :n].tolist() for i, (n, _) in enumerate(ends)]
+        out_logits = [all_logits[i, :n] if return_logits else None for i, (n, _) in enumerate(ends)]
         decoded = sum(len(t) - 1 for t in out_tokens)
         timings = {
             "vision_s": vision_s,
@@ -252,4 +285,4 @@ class Dispatcher:
             "prefill_tokens_per_s": float(batch.lengths.sum()) / max(t1 - t0, 1e-9),
             "decode_tokens_per_s": decoded / (t2 - t1) if decoded and t2 > t1 else 0.0,
         }
-        return Generation(out_tokens, out_logits, exit_layers, probs, finish, timings)
+        return Generation(out_tokens, out_logits, exit_layers, probs, [r for _, r in ends], timings)

@@ -3,10 +3,16 @@
     pipe = Pipeline.load("engines/demo", backend="onnxruntime")
     res = pipe.generate("cat.png", "What is in the image?", max_new_tokens=32, policy="gate")
     res.text, res.token_ids, res.exit_layer, res.timings
+
+A ``Pipeline`` may be shared by threads on every backend: requests run through the runner one
+batch at a time (a lock), so concurrent calls never see each other's state and answer as they
+would alone. Calls that should share a batch are batched by the caller (:meth:`Pipeline.run`
+with several :class:`Request` objects, as ``dyvte serve`` does).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +21,19 @@ from dyvte.errors import InputError
 from dyvte.settings import DEFAULT_GATE_THRESHOLD, DEFAULT_MAX_NEW_TOKENS_RUN
 
 from .policies import Policy, parse_policy
+from .sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    """One prompt to answer: token ids [T] int64 (torch), its images' pixel values [N,3,H,W]
+    float32 (None without images), how many tokens to generate at most (None: the default) and
+    how to sample them."""
+
+    input_ids: object
+    pixel_values: object = None
+    max_new_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass
@@ -53,6 +72,8 @@ class Pipeline:
 
         self.manifest, self.runner, self.processor = manifest, runner, processor
         self.dispatcher = Dispatcher(runner, manifest)
+        self._lock = threading.RLock()  # one batch at a time through the runner (its caches, contexts)
+        self._encode_lock = threading.Lock()  # HF processors/tokenizers are not thread-safe
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, **backend_options) -> "Pipeline":
@@ -68,7 +89,13 @@ class Pipeline:
     # -- facts ---------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        return self.runner.name
+        return self.dispatcher.runner.name
+
+    @property
+    def limits(self) -> dict:
+        """Limits requests are checked against (the backend's: TensorRT plans may be built with
+        other limits than the export's)."""
+        return self.dispatcher.runner.limits
 
     @property
     def num_layers(self) -> int:
@@ -85,6 +112,16 @@ class Pipeline:
         return parse_policy(name, self.manifest)
 
     # -- generation ----------------------------------------------------------------------------
+    def encode(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> Request:
+        """A :class:`Request` for ``prompt`` about ``image`` (path or PIL image), in the folder's
+        chat template (the processor is not thread-safe, so calls are serialised)."""
+        from .inputs import encode
+
+        with self._encode_lock:
+            ids, pixels = encode(self.processor, image, prompt)
+        return Request(ids, pixels, max_new_tokens, SamplingParams(temperature, top_p, seed))
+
     def generate(self, image, prompt, max_new_tokens: int | None = None, policy: str | None = "auto",
                  gate_threshold: float = DEFAULT_GATE_THRESHOLD, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, return_logits: bool = False):
@@ -94,18 +131,12 @@ class Pipeline:
         ``max_new_tokens`` defaults to 64 (or the folder's limit when smaller); ``policy``
         ``"auto"`` is ``gate`` when the folder has gates, else ``never``.
         """
-        from .inputs import encode
-
         single = not isinstance(prompt, (list, tuple))
         images, prompts = ([image], [prompt]) if single else (list(image), list(prompt))
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
-        encoded = [encode(self.processor, img, p) for img, p in zip(images, prompts)]
-        import torch
-
-        ids = [e[0] for e in encoded]
-        pixels = torch.cat([e[1] for e in encoded])
-        results = self._run(ids, pixels, max_new_tokens, policy, gate_threshold, temperature, top_p, seed, return_logits)
+        requests = [self.encode(img, p, max_new_tokens, temperature, top_p, seed) for img, p in zip(images, prompts)]
+        results = self.run(requests, policy, gate_threshold, return_logits)
         return results[0] if single else results
 
     def generate_ids(self, input_ids, pixel_values=None, attention_mask=None,
@@ -134,71 +165,126 @@ class Pipeline:
         pixels = None
         if pixel_values is not None:
             pixels = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32))
-        results = self._run(prompts, pixels, max_new_tokens, policy, gate_threshold, temperature, top_p, seed, return_logits)
+        per_prompt = self._split_images(prompts, pixels)
+        sampling = SamplingParams(temperature, top_p, seed)
+        requests = [Request(p, px, max_new_tokens, sampling) for p, px in zip(prompts, per_prompt)]
+        results = self.run(requests, policy, gate_threshold, return_logits)
         return results[0] if len(results) == 1 else results
 
-    def _check(self, prompts, pixels, max_new_tokens):
-        m, lim = self.manifest, self.manifest.limits
-        n_vis, image_id = m.model["num_visual_tokens"], m.model["image_token_id"]
-        vocab = m.text["vocab_size"]
-        if not prompts:
+    def _split_images(self, prompts, pixels) -> list:
+        """Pixel values [N,3,H,W] of a whole batch -> per prompt (by its image placeholders)."""
+        shape = tuple(self.manifest.model["image_shape"])
+        counts = [self._image_count(i, p) for i, p in enumerate(prompts)]
+        n_images = sum(counts)
+        if n_images == 0:
+            if pixels is not None and len(pixels):
+                raise InputError(f"got {len(pixels)} images but the prompts hold no image tokens")
+            return [None] * len(prompts)
+        if pixels is None or pixels.ndim != 4 or tuple(pixels.shape[1:]) != shape or len(pixels) != n_images:
+            got = "none" if pixels is None else tuple(pixels.shape)
+            raise InputError(f"the prompts need pixel_values of shape [{n_images}, {', '.join(map(str, shape))}], "
+                             f"got {got}; preprocess images with the folder's processor")
+        out, at = [], 0
+        for c in counts:
+            out.append(pixels[at: at + c] if c else None)
+            at += c
+        return out
+
+    def _image_count(self, i: int, ids) -> int:
+        """Images in prompt ``i`` (its image placeholders / visual tokens per image)."""
+        n_vis = self.manifest.model["num_visual_tokens"]
+        n_img_tok = int((ids == self.manifest.model["image_token_id"]).sum())
+        if n_img_tok % n_vis:
+            raise InputError(f"prompt {i} has {n_img_tok} image tokens, not a multiple of the model's {n_vis} "
+                             "visual tokens per image; build prompts with the folder's processor")
+        return n_img_tok // n_vis
+
+    def _check(self, requests: list[Request]) -> list[int]:
+        """Validate a batch against the runner's limits; returns each request's max_new_tokens."""
+        import torch
+
+        m, lim = self.manifest, self.runner.limits
+        image_id = m.model["image_token_id"]
+        vocab, shape = m.text["vocab_size"], tuple(m.model["image_shape"])
+        if not requests:
             raise InputError("no prompts given")
-        if len(prompts) > lim["max_batch"]:
-            raise InputError(f"batch of {len(prompts)} exceeds this engine folder's limit of {lim['max_batch']}; "
-                             "split the batch or re-export with --max-batch")
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= lim["max_new_tokens"]:
-            raise InputError(f"max_new_tokens must be in [1, {lim['max_new_tokens']}] (the exported limit; "
-                             f"re-export with --max-new-tokens for more), got {max_new_tokens}")
-        n_images = 0
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise InputError(f"prompt {i} is empty")
+        if len(requests) > lim["max_batch"]:
+            raise InputError(f"batch of {len(requests)} exceeds this engine folder's limit of {lim['max_batch']} "
+                             f"(backend {self.backend}); split the batch or re-export/rebuild with --max-batch")
+        max_new = []
+        for i, r in enumerate(requests):
+            p = r.input_ids
+            n_new = r.max_new_tokens
+            if n_new is None:  # default: 64, or the folder's limit when smaller
+                n_new = min(DEFAULT_MAX_NEW_TOKENS_RUN, lim["max_new_tokens"])
+            if isinstance(n_new, bool) or not isinstance(n_new, int) or not 1 <= n_new <= lim["max_new_tokens"]:
+                raise InputError(f"max_new_tokens must be in [1, {lim['max_new_tokens']}] (the limit of backend "
+                                 f"{self.backend}; re-export or rebuild with --max-new-tokens for more), got {n_new}")
+            if not isinstance(p, torch.Tensor) or p.ndim != 1 or len(p) == 0:
+                raise InputError(f"prompt {i} is empty" if isinstance(p, torch.Tensor) and p.ndim == 1
+                                 else f"prompt {i}: input_ids must be a 1-D tensor of token ids")
             if len(p) > lim["max_input_len"]:
                 raise InputError(f"prompt {i} has {len(p)} tokens; this engine folder takes at most "
-                                 f"{lim['max_input_len']} (shorten the prompt or re-export with --max-input-len)")
-            if len(p) + max_new_tokens > m.text["max_position_embeddings"]:
-                raise InputError(f"prompt {i} ({len(p)} tokens) + {max_new_tokens} new tokens exceeds the model's "
+                                 f"{lim['max_input_len']} with backend {self.backend} (shorten the prompt or "
+                                 "re-export/rebuild with --max-input-len)")
+            if len(p) + n_new > m.text["max_position_embeddings"]:
+                raise InputError(f"prompt {i} ({len(p)} tokens) + {n_new} new tokens exceeds the model's "
                                  f"{m.text['max_position_embeddings']} positions; shorten the prompt or lower max_new_tokens")
-            n_img_tok = int((p == image_id).sum())
-            if n_img_tok % n_vis:
-                raise InputError(f"prompt {i} has {n_img_tok} image tokens, not a multiple of the model's {n_vis} "
-                                 "visual tokens per image; build prompts with the folder's processor")
+            n_img = self._image_count(i, p)
             other = p[p != image_id]
             if len(other) and (int(other.min()) < 0 or int(other.max()) >= vocab):
                 raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-            n_images += n_img_tok // n_vis
-        shape = tuple(m.model["image_shape"])
-        if n_images == 0 and pixels is not None and len(pixels):
-            raise InputError(f"got {len(pixels)} images but the prompts hold no image tokens")
-        if n_images:
-            if pixels is None or pixels.ndim != 4 or tuple(pixels.shape[1:]) != shape or len(pixels) != n_images:
-                got = "none" if pixels is None else tuple(pixels.shape)
-                raise InputError(f"the prompts need pixel_values of shape [{n_images}, {', '.join(map(str, shape))}], "
+            px = r.pixel_values
+            if n_img == 0 and px is not None and len(px):
+                raise InputError(f"prompt {i} got {len(px)} images but holds no image tokens")
+            if n_img and (px is None or px.ndim != 4 or tuple(px.shape[1:]) != shape or len(px) != n_img):
+                got = "none" if px is None else tuple(px.shape)
+                raise InputError(f"prompt {i} needs pixel_values of shape [{n_img}, {', '.join(map(str, shape))}], "
                                  f"got {got}; preprocess images with the folder's processor")
+            max_new.append(n_new)
+        return max_new
 
-    def _run(self, prompts, pixels, max_new_tokens, policy, gate_threshold, temperature, top_p, seed, return_logits):
+    def run(self, requests: list[Request], policy: str | None = "auto", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
+            return_logits: bool = False, on_step=None) -> list:
+        """Answer several requests as one batch (each sample exits on its own, each request keeps
+        its own token limit and sampling); returns one :class:`Result` per request.
+
+        ``on_step(step, tokens, active)`` is called after every generated token of the batch
+        (see :meth:`Dispatcher.generate`); it may return rows to stop (finish reason "stop").
+        Thread-safe: concurrent calls run one after another.
+        """
+        import torch
+
         from .dispatch import make_batch
         from .sampling import Sampler
 
-        if max_new_tokens is None:  # default: 64, or the folder's limit when smaller
-            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS_RUN, self.manifest.limits["max_new_tokens"])
         pol = self.policy(policy)
-        self._check(prompts, pixels, max_new_tokens)
-        runner = self.runner
-        batch = make_batch(prompts, pixels, self.manifest.model["image_token_id"], runner.device)
-        sampler = Sampler(temperature, top_p, seed, device=runner.device)
-        gen = self.dispatcher.generate(batch, pol, gate_threshold, max_new_tokens, sampler,
-                                       self.manifest.model["eos_token_ids"], return_logits)
-        results = []
-        for i, toks in enumerate(gen.tokens):
-            text = self.processor.tokenizer.decode(toks, skip_special_tokens=True) if self.processor else ""
-            logits = gen.logits[i].numpy() if return_logits else None
-            results.append(Result(text.strip(), toks, gen.exit_layers[i], logits, dict(gen.timings), gen.gate_probs[i],
-                                  gen.finish[i], len(prompts[i]), pol.name))
+        with self._lock:
+            if self.runner is None:
+                raise InputError("this Pipeline is closed; load the engine folder again")
+            max_new = self._check(requests)
+            runner = self.runner
+            images = [r.pixel_values for r in requests if r.pixel_values is not None]
+            pixels = torch.cat(images).float() if images else None
+            batch = make_batch([r.input_ids.long() for r in requests], pixels, self.manifest.model["image_token_id"],
+                               runner.device)
+            sampler = Sampler([r.sampling for r in requests], device=runner.device)
+            gen = self.dispatcher.generate(batch, pol, gate_threshold, max_new, sampler,
+                                           self.manifest.model["eos_token_ids"], return_logits, on_step)
+            results = []
+            for i, toks in enumerate(gen.tokens):
+                text = self.processor.tokenizer.decode(toks, skip_special_tokens=True) if self.processor else ""
+                logits = gen.logits[i].numpy() if return_logits else None
+                results.append(Result(text.strip(), toks, gen.exit_layers[i], logits, dict(gen.timings),
+                                      gen.gate_probs[i], gen.finish[i], len(requests[i].input_ids), pol.name))
         return results
 
     def close(self) -> None:
-        self.runner.close()
+        """Free the backend's sessions/engines (waits for a running request)."""
+        with self._lock:
+            if self.runner is not None:
+                self.runner.close()
+                self.runner = None
 
     def __enter__(self):
         return self

@@ -1,34 +1,61 @@
-"""Next-token choice: greedy, or seeded temperature / top-p sampling."""
+"""Next-token choice: greedy, or seeded temperature / top-p sampling, chosen per row.
+
+Every sampled row draws from its own generator, so a request samples the same tokens in a
+batch as it does alone.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from dyvte.errors import InputError
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; ``seed`` None = a random seed."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
 class Sampler:
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, device="cpu"):
+    """Chooses the next token of every row of a batch, each row by its own :class:`SamplingParams`."""
+
+    def __init__(self, params: list[SamplingParams], device="cpu"):
         import torch
 
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature, self.top_p = temperature, top_p
-        self.generator = None
-        if temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.params = list(params)
+        self.generators = []
+        for p in self.params:
+            g = None
+            if p.temperature > 0:
+                g = torch.Generator(device=device)
+                g.manual_seed(p.seed if p.seed is not None else torch.seed())
+            self.generators.append(g)
+        self.greedy = all(g is None for g in self.generators)
 
     def __call__(self, logits):
         """logits [B,V] float32 -> token ids [B] int64."""
         import torch
 
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1:
-            sorted_p, order = probs.sort(-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        tokens = logits.argmax(-1)
+        if self.greedy:
+            return tokens
+        for i, (p, g) in enumerate(zip(self.params, self.generators)):
+            if g is None:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, dim=-1)  # [V]
+            if p.top_p < 1:
+                sorted_p, order = probs.sort(descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            tokens[i] = torch.multinomial(probs, 1, generator=g)[0]
+        return tokens

@@ -98,6 +98,7 @@ def test_reused_caches_match_fresh_ones(llama, pipelines, torch_pipes):
     """Pooled caches (what CUDA graphs replay on) give the same answers across requests of
     different lengths, batch sizes and exits as fresh caches."""
     ort, pt = pipelines(llama.engine_dir), torch_pipes(llama.engine_dir, device="cpu", reuse_caches=True)
+    allocated = []
     for _ in range(2):
         for seed, prompt in enumerate(PROMPTS):
             for policy in ("gate", "never", "layer:1"):
@@ -107,4 +108,20 @@ def test_reused_caches_match_fresh_ones(llama, pipelines, torch_pipes):
         for x, y in zip(pt.generate(images, PROMPTS, max_new_tokens=4, policy="gate", return_logits=True),
                         ort.generate(images, PROMPTS, max_new_tokens=4, policy="gate", return_logits=True)):
             _compare(x, y)
-    assert pt.runner._pool and all(len(v) == 1 for v in pt.runner._pool.values())  # reused, not regrown
+        allocated.append(pt.runner.cache_allocations)
+    assert allocated[0] > 0 and allocated[1] == allocated[0]  # the second round reuses every bucket
+    assert len(pt.runner._pool) == allocated[0]  # one cache per shape bucket
+
+
+def test_cache_pool_stays_within_its_byte_budget(llama, pipelines, torch_pipes):
+    """Idle pooled caches are freed (least recently used first) beyond the budget; answers unchanged."""
+    ort = pipelines(llama.engine_dir)
+    one = torch_pipes(llama.engine_dir, device="cpu", reuse_caches=True, cache_pool_bytes=1 << 40)
+    one.generate(make_image(0), PROMPTS[0], max_new_tokens=4, policy="never")
+    budget = one.runner.pooled_bytes // 3  # a third of one request's caches
+    pt = torch_pipes(llama.engine_dir, device="cpu", reuse_caches=True, cache_pool_bytes=budget)
+    for seed, n in enumerate((2, 20, 31, 5, 12)):
+        kw = dict(max_new_tokens=n, policy="gate", return_logits=True)
+        _compare(pt.generate(make_image(seed), PROMPTS[seed % 3], **kw), ort.generate(make_image(seed), PROMPTS[seed % 3], **kw))
+        in_use = sum(c.nbytes for c in pt.runner._pool.values() if c.in_use)
+        assert pt.runner.pooled_bytes <= max(budget, in_use)  # only the running request's caches may exceed it

@@ -41,8 +41,9 @@ class Runner(ABC):
         """input_ids [B,S] int64 -> embeddings [B,S,D]."""
 
     @abstractmethod
-    def new_cache(self, segment: int, batch: int, capacity: int) -> KVCache:
-        """An empty cache for ``batch`` sequences that will hold at most ``capacity`` tokens."""
+    def new_cache(self, segment: int, batch: int, capacity: int, group: str = "full") -> KVCache:
+        """An empty cache for ``batch`` sequences that will hold at most ``capacity`` tokens;
+        ``group`` ("full" or "text") says which group of a request will use it."""
 
     @abstractmethod
     def segment(self, index: int, hidden, position_ids, attention_mask, cache: KVCache, mode: str):
@@ -62,6 +63,13 @@ class Runner(ABC):
     # -- lifecycle ---------------------------------------------------------------------------
     device = None  # torch.device
     dtype = None  # torch dtype of activations
+
+    @property
+    def limits(self) -> dict:
+        """Largest batch, prompt and generation this runner accepts (``max_batch``,
+        ``max_input_len``, ``max_new_tokens``): the folder's export limits unless the backend's
+        engines were built with other ones."""
+        return dict(self.manifest.limits)
 
     def begin_request(self) -> None:
         """A new prefill starts: caches handed out for earlier requests are free to reuse."""

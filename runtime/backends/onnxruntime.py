@@ -91,7 +91,7 @@ class OnnxRuntimeRunner(Runner):
     def embed(self, input_ids):
         return self._run("embed", {"input_ids": input_ids})[0]
 
-    def new_cache(self, segment, batch, capacity):
+    def new_cache(self, segment, batch, capacity, group="full"):
         import torch
 
         t = self.manifest.text

@@ -136,7 +136,7 @@ class TensorRTRunner(Runner):
         h = hidden.to(self.device, self.dtype).contiguous()
         return self._on_stream(lambda: self._execute("head", 0, {"hidden_states": h})["logits"])
 
-    def new_cache(self, segment, batch, capacity):
+    def new_cache(self, segment, batch, capacity, group="full"):
         import torch
 
         t = self.manifest.text

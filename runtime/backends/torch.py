@@ -1,44 +1,110 @@
 """PyTorch backend: the exported modules themselves (exporter/modules.py), on CPU or CUDA.
 
-Weights come from the engine folder's ONNX initializers (no second copy on disk). KV caches
-are preallocated per segment and group ([B,Hkv,capacity,hd]) and written in place. On CUDA the
-decode step of every segment is captured once per cache as a CUDA graph and replayed.
+Modules are built with their parameters on the meta device and every weight is read from the
+engine folder's ONNX initializers straight into the target device and dtype, one tensor at a
+time (no second copy on disk, no float32 model in host memory). Attention runs through
+``scaled_dot_product_attention``. KV caches are preallocated per segment and group
+([B,Hkv,capacity,hd]) and written in place; with ``reuse_caches`` they are pooled per shape
+bucket under a byte budget. On CUDA the decode step of every segment is captured once per
+pooled cache (one per bucket) as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 
 from dyvte.engines.manifest import Manifest
 from dyvte.errors import BackendUnavailableError, EngineFolderError, InputError
+from dyvte.settings import CACHE_CAPACITY_STEP, DEFAULT_CACHE_POOL_BYTES
 
 from .base import KVCache, Runner
 
+#: Buffers that stay float32 whatever the activation dtype (position math).
+FLOAT32_BUFFERS = ("inv_freq",)
 
-def load_state(module, manifest: Manifest, part) -> None:
-    """Fill ``module`` from the part's ONNX initializers (deduplicated names resolved)."""
+
+def materialize(build, source, device, dtype):
+    """``build()`` a module with parameters on the meta device, then fill every parameter and
+    persistent buffer from ``source(name, like) -> tensor`` directly in ``device``/``dtype``
+    (integer tensors and :data:`FLOAT32_BUFFERS` keep their dtype). Non-persistent buffers of
+    Hugging Face submodules (e.g. CLIP's position ids) are recomputed by their own init.
+    Peak memory beyond the result: one tensor as ``source`` returns it.
+    """
+    import torch
+    from transformers import PreTrainedModel
+    from transformers import initialization as hf_init
+
+    with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
+        module = build()
+    state = {}
+    for name, like in module.state_dict(keep_vars=True).items():
+        keep = not like.is_floating_point() or name.rsplit(".", 1)[-1] in FLOAT32_BUFFERS
+        src = source(name, like)
+        if tuple(src.shape) != tuple(like.shape):
+            raise EngineFolderError(f"weight {name} has shape {tuple(src.shape)}, expected {tuple(like.shape)}; "
+                                    "re-export the folder")
+        state[name] = src.to(device=device, dtype=like.dtype if keep else dtype)
+        del src
+    module.load_state_dict(state, assign=True)
+    del state
+    for t in module.state_dict(keep_vars=True).values():
+        t._is_hf_initialized = True  # HF init below must leave loaded weights alone
+    meta_buffers = [(mod, name) for mod in module.modules() for name, b in mod._buffers.items()
+                    if b is not None and b.device.type == "meta"]
+    for mod, name in meta_buffers:
+        mod._buffers[name] = torch.empty_like(mod._buffers[name], device=device)
+    if meta_buffers:
+        for mod in module.modules():
+            if isinstance(mod, PreTrainedModel):
+                mod.initialize_weights()
+        if any(mod._buffers[name].device.type == "meta" for mod, name in meta_buffers):
+            raise EngineFolderError(f"{type(module).__name__}: buffers left unmaterialized")
+    return module.eval()
+
+
+def onnx_source(manifest: Manifest, part):
+    """``source`` for :func:`materialize`: a part's ONNX initializers (deduplicated names
+    resolved; parameters the exporter dropped as unused read as zeros)."""
     import torch
 
-    from dyvte.engines.files import read_initializers
+    from dyvte.engines.files import OnnxWeights
 
-    inits = read_initializers(manifest.path(part.onnx))
+    weights = OnnxWeights(manifest.path(part.onnx))
     unused = set(part.info.get("unused", []))
-    state = {}
-    for name, ref in module.state_dict().items():
-        src = inits.get(name, inits.get(part.aliases.get(name, "")))
-        if src is None:
-            if name not in unused:
-                raise EngineFolderError(f"{part.onnx} has no weights for {name}; re-export the folder")
-            src = torch.zeros_like(ref)
-        if tuple(src.shape) != tuple(ref.shape):
-            raise EngineFolderError(f"{part.onnx}: {name} has shape {tuple(src.shape)}, expected {tuple(ref.shape)}")
-        state[name] = src
-    module.load_state_dict(state)
+
+    def get(name, like):
+        key = name if name in weights else part.aliases.get(name)
+        if key is None or key not in weights:
+            if name in unused:
+                return torch.zeros(like.shape, dtype=like.dtype)
+            raise EngineFolderError(f"{part.onnx} has no weights for {name}; re-export the folder")
+        return weights[key]
+
+    return get
 
 
-_CAPACITY_STEP = 64  # pooled caches round their capacity up to a multiple of this
-_MAX_POOLED = 64  # pooled (segment, batch, capacity) shapes before unused ones are dropped
+def random_source(spec, device, seed: int = 0):
+    """``source`` for :func:`materialize`: random weights made on ``device`` (benchmarks of model
+    shapes without checkpoints): N(0, 0.02) matrices, zero biases, unit norms, default RoPE."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def get(name, like):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "inv_freq":
+            hd = spec.rope_dim
+            return 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        t = torch.empty(like.shape, dtype=like.dtype if like.dtype != torch.float64 else torch.float32, device=device)
+        if not t.is_floating_point():
+            return t.zero_()
+        if like.ndim > 1 or leaf in ("fc1", "fc2"):
+            return t.normal_(0.0, 0.02, generator=gen)
+        return t.zero_() if leaf == "bias" else t.fill_(1.0)
+
+    return get
 
 
 @dataclass
@@ -49,6 +115,8 @@ class TorchCache(KVCache):
     batch: int = 0
     graph: object = None  # captured decode step (CUDA)
     in_use: bool = False  # handed out for the current request (pooled caches)
+    nbytes: int = 0
+    last_used: int = 0  # request counter when last handed out (pool eviction order)
 
 
 class _DecodeGraph:
@@ -68,21 +136,19 @@ class _DecodeGraph:
         self.x = torch.zeros(B, 1, dim, dtype=dtype, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.int64, device=dev)
         self.start = torch.zeros((), dtype=torch.int64, device=dev)
-        # the capture writes into slot `start` = 0 of scratch copies, never into the live cache
+        # warm-up writes into slot `start` = 0 of a scratch layer, never into the live cache
         live = cache.kv
-        cache.kv = [(torch.empty_like(k), torch.empty_like(v)) for k, v in live]
-        scratch = cache.kv
+        scratch = [(torch.empty_like(live[0][0]), torch.empty_like(live[0][1]))] * len(live)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 segment.forward_static(self.x, self.pos, cache.mask, scratch, self.start)
         torch.cuda.current_stream().wait_stream(side)
+        del scratch
         self.graph = torch.cuda.CUDAGraph()
-        self._segment, self._mask = segment, cache.mask
         with torch.cuda.graph(self.graph):
             self.out = segment.forward_static(self.x, self.pos, cache.mask, live, self.start)
-        cache.kv = live
 
     def __call__(self, x, pos, start: int):
         self.x.copy_(x)
@@ -97,11 +163,14 @@ class TorchRunner(Runner):
 
     def __init__(self, manifest: Manifest, device: str | None = None, dtype: str | None = None,
                  cuda_graphs: bool = True, random_weights: bool = False, hf_config=None,
-                 reuse_caches: bool | None = None):
-        """``random_weights`` builds the same modules with random weights (benchmarks of model
-        shapes without checkpoints); ``hf_config`` then gives the vision tower's config.
-        ``reuse_caches`` (default: when CUDA graphs are on) keeps caches, and the decode graphs
-        captured on them, for later requests of the same batch size and rounded capacity."""
+                 reuse_caches: bool | None = None, cache_pool_bytes: int = DEFAULT_CACHE_POOL_BYTES):
+        """``device`` (``cpu``, ``cuda``, ``cuda:N``; default CUDA when visible) and ``dtype``
+        (default the folder's) of the activations. ``random_weights`` builds the same modules
+        with random weights (benchmarks of model shapes without checkpoints); ``hf_config`` then
+        gives the vision tower's config. ``reuse_caches`` (default: when CUDA graphs are on) keeps
+        caches, and the decode graphs captured on them, for later requests of the same shape
+        bucket (segment, group, batch, capacity rounded up to 64); idle pooled caches are freed,
+        least recently used first, once the pool holds more than ``cache_pool_bytes``."""
         import torch
 
         from dyvte.exporter.hf import build_vision_encoder
@@ -109,67 +178,69 @@ class TorchRunner(Runner):
 
         super().__init__(manifest)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailableError("the torch backend was asked for CUDA, but no CUDA GPU is visible")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError("the torch backend was asked for CUDA, but no CUDA GPU is visible")
+            if self.device.index is not None and self.device.index >= torch.cuda.device_count():
+                raise BackendUnavailableError(f"device {self.device} does not exist: {torch.cuda.device_count()} "
+                                              "CUDA GPU(s) are visible")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type != "cpu":
+            raise BackendUnavailableError(f"the torch backend runs on cpu or cuda[:N], not {self.device}")
         dtype = dtype or manifest.dtype
         if dtype not in ("float32", "float16", "bfloat16"):
             raise InputError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if cache_pool_bytes < 0:
+            raise InputError("cache_pool_bytes must be >= 0")
         self.dtype = getattr(torch, dtype)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.reuse_caches = self.cuda_graphs if reuse_caches is None else reuse_caches
-        self._pool: dict[tuple, list[TorchCache]] = {}  # (segment, batch, capacity) -> caches
+        self.cache_pool_bytes = int(cache_pool_bytes)
+        self._pool: dict[tuple, TorchCache] = {}  # shape bucket -> cache (and its decode graphs)
+        self._requests = 0
+        self.graph_captures = 0  # decode graphs captured so far (one per pooled cache)
+        self.cache_allocations = 0  # caches allocated so far (pooling reuses them)
         spec = TextSpec.from_dict(manifest.text)
         self.spec = spec
 
-        if random_weights:
-            torch.manual_seed(0)
+        def load(build, part, dtype=self.dtype):
+            source = random_source(spec, self.device) if random_weights else onnx_source(manifest, part)
+            return materialize(build, source, self.device, dtype)
 
-        def build(module, part, dtype=self.dtype):
-            if random_weights:
-                module = module.to(self.device, dtype)
-                with torch.no_grad():
-                    for name, p in module.named_parameters():
-                        if p.ndim > 1 or name.endswith("fc1") or name.endswith("fc2"):
-                            p.normal_(0.0, 0.02)
-                        elif name.endswith("bias"):
-                            p.zero_()
-                        else:
-                            p.fill_(1.0)
-            else:
-                load_state(module, manifest, part)
-            return module.to(self.device, dtype).eval()
+        with self._on_device():
+            self.segments = [load(lambda p=p: DecoderSegment(spec, *p.layers), p) for p in manifest.segments]
+            self.embed_mod = load(lambda: Embed(spec), manifest.parts["embed"])
+            self.head_mod = load(lambda: Head(spec), manifest.parts["head"])
+            from transformers import LlavaConfig
 
+            from dyvte.models import quiet_transformers
 
-        inv_freq = None
-        if random_weights:
-            hd = spec.rope_dim
-            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.segments = [build(DecoderSegment(spec, *p.layers, inv_freq), p) for p in manifest.segments]
-        for seg in self.segments:  # RoPE frequencies stay float32 whatever the dtype
-            seg.inv_freq = seg.inv_freq.float()
-        self.embed_mod = build(Embed(spec), manifest.parts["embed"])
-        self.head_mod = build(Head(spec), manifest.parts["head"])
-        from transformers import LlavaConfig
+            quiet_transformers()
+            if hf_config is None:
+                hf_config = LlavaConfig.from_dict(json.loads(manifest.path(manifest.data["hf_config"]).read_text()))
+            self.vision_mod = load(lambda: build_vision_encoder(hf_config, self.dtype, device="meta"),
+                                   manifest.parts["vision"])
+            self.gate_mod = None
+            if manifest.gate is not None:
+                g = manifest.gate
+                hidden = int(g.info["hidden"])
+                # float32 like the gate graph, so that exit decisions agree across backends
+                self.gate_mod = load(lambda: GateBank(len(g.info["layers"]), hidden, spec.hidden_size), g,
+                                     torch.float32)
 
-        from dyvte.models import quiet_transformers
+    def _on_device(self):
+        """Context that makes ``self.device`` current (CUDA streams, kernels of cuda:N)."""
+        import torch
 
-        quiet_transformers()
-        if hf_config is None:
-            hf_config = LlavaConfig.from_dict(json.loads(manifest.path(manifest.data["hf_config"]).read_text()))
-        self.vision_mod = build(build_vision_encoder(hf_config, torch.float32), manifest.parts["vision"])
-        self.gate_mod = None
-        if manifest.gate is not None:
-            g = manifest.gate
-            hidden = int(g.info["hidden"])
-            # float32 like the gate graph, so that exit decisions agree across backends
-            self.gate_mod = build(GateBank(len(g.info["layers"]), hidden, spec.hidden_size), g, torch.float32)
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     # -- parts ---------------------------------------------------------------------------------
     def _no_grad(fn):  # noqa: N805
         def wrapper(self, *a, **k):
             import torch
 
-            with torch.no_grad():
+            with torch.no_grad(), self._on_device():
                 return fn(self, *a, **k)
 
         return wrapper
@@ -183,27 +254,38 @@ class TorchRunner(Runner):
         return self.embed_mod(input_ids.to(self.device))
 
     def begin_request(self):
-        for caches in self._pool.values():
-            for c in caches:
-                c.in_use = False
+        self._requests += 1
+        for c in self._pool.values():
+            c.in_use = False
 
-    def new_cache(self, segment, batch, capacity):
+    def new_cache(self, segment, batch, capacity, group="full"):
         if not self.reuse_caches:
             return self._alloc_cache(segment, batch, capacity)
-        capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP  # similar requests share caches and graphs
-        key = (segment, batch, capacity)
-        caches = self._pool.setdefault(key, [])
-        for c in caches:
-            if not c.in_use:
-                c.mask.zero_()  # stale keys/values stay but are masked out
-                c.length, c.in_use = 0, True
-                return c
-        if len(self._pool) > _MAX_POOLED:  # bound the memory held for odd shapes
-            self._pool = {k: v for k, v in self._pool.items() if k == key or any(c.in_use for c in v)}
-        c = self._alloc_cache(segment, batch, capacity)
-        c.in_use = True
-        caches.append(c)
+        capacity = -(-capacity // CACHE_CAPACITY_STEP) * CACHE_CAPACITY_STEP  # similar requests share a bucket
+        key = (segment, group, batch, capacity)
+        c = self._pool.get(key)
+        if c is None or c.in_use:  # in use: the same bucket twice in one request (never with full/text groups)
+            c = self._alloc_cache(segment, batch, capacity)
+            if key not in self._pool:
+                self._pool[key] = c
+        c.mask.zero_()  # stale keys/values stay but are masked out
+        c.length, c.in_use, c.last_used = 0, True, self._requests
+        self._evict()
         return c
+
+    def _evict(self):
+        """Free idle pooled caches, least recently used first, until the pool fits its budget."""
+        total = sum(c.nbytes for c in self._pool.values())
+        for key, c in sorted(self._pool.items(), key=lambda kv: kv[1].last_used):
+            if total <= self.cache_pool_bytes:
+                break
+            if not c.in_use:
+                total -= c.nbytes
+                del self._pool[key]
+
+    @property
+    def pooled_bytes(self) -> int:
+        return sum(c.nbytes for c in self._pool.values())
 
     def _alloc_cache(self, segment, batch, capacity):
         import torch
@@ -213,7 +295,9 @@ class TorchRunner(Runner):
         kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(n_layers)]
         mask = torch.zeros(batch, capacity, dtype=torch.int64, device=self.device)
-        return TorchCache(kv, mask, 0, batch)
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + mask.nbytes
+        self.cache_allocations += 1
+        return TorchCache(kv, mask, 0, batch, nbytes=nbytes)
 
     @_no_grad
     def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
@@ -227,8 +311,9 @@ class TorchRunner(Runner):
         hidden = hidden.to(self.device, self.dtype)
         position_ids = position_ids.to(self.device)
         if mode == "decode" and self.cuda_graphs:
-            if cache.graph is None:
+            if cache.graph is None:  # a pooled cache keeps its graph for later requests
                 cache.graph = _DecodeGraph(seg, cache, self.spec.hidden_size, self.dtype)
+                self.graph_captures += 1
             out = cache.graph(hidden, position_ids, P)
         else:
             start = torch.tensor(P, device=self.device)

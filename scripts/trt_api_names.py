@@ -1,0 +1,644 @@
+"""Record the Python API of several TensorRT releases, without installing or importing TensorRT.
+
+    python scripts/trt_api_names.py [--versions 10.13.3.9 10.16.1.11 11.4.0.106]
+                                    [--out engines/data/tensorrt_api] [--wheel-dir /tmp/trt-wheels] [--offline]
+
+For each version this fetches the small ``tensorrt-cu12-bindings`` wheel from PyPI (``tensorrt-cu13-bindings``
+when cu12 has no such version) with ``pip download --no-deps --only-binary=:all:`` for CPython 3.11 on
+``manylinux_2_28_x86_64``, or takes it from ``--wheel-dir`` when it is already there (``--offline`` never
+downloads). The wheel holds the pybind11 module ``tensorrt_bindings/tensorrt.so`` and a small
+``__init__.py``; neither is imported or executed.
+
+How the classes and their members are found
+-------------------------------------------
+pybind11 registers everything at import time, in the module's init code (``tensorrt::bind*``): a class is
+created by ``generic_type::initialize(type_record)`` after its name was stored in the record, an enum by a
+call to ``enum_<T>::enum_(scope, "Name", ...)``, and every member by a call that receives its name as a C
+string: ``class_<T>::def*("name", ...)``, ``enum_<T>::value("NAME", ...)``, or, where the compiler inlined
+those, ``add_class_method(cls, "name", ...)``, ``generic_type::def_property_static_impl("name", ...)``,
+``enum_base::value("NAME", ...)``. The module is not stripped, so ``objdump -d -C`` (GNU binutils; pass
+``--objdump`` if it is not on PATH) gives the init code with the callees' names. This script follows each
+registration function in call order, keeps track of which string addresses (``lea str(%rip)``) sit in which
+register or stack slot, and at each such call reads the name argument (``%rsi``, or ``%rdx`` for the
+constructors). The owning class comes from the callee's template argument (``class_<nvinfer1::ICudaEngine>``;
+the C++ to Python name map is taken from the ``class_<T>::init_instance`` pointer stored in each type record),
+or, for the inlined helpers, from the class being defined at that point. Where a ``def`` clone has its name
+constant-folded into its body (``[clone .constprop.N]``), the clone is followed too. Module attributes come
+from ``module_::def``/``add_object``, ``m.attr("name") = ...`` and ``export_values()``; the Python
+``__init__.py`` of the wheel is read with ``ast`` for what it adds (``Logger.WARNING``, ``DataType.itemsize``,
+``__version__``, ...). Nested enums are stored as ``Outer.Inner`` (``ILogger.Severity``).
+
+Checks built in: every version must yield the classes and members this relies on (see ``_sanity``), and a
+registration call whose name cannot be read is counted in ``unresolved`` of the JSON (it should stay 0 or
+close to it). If a future toolchain changes the code shape so much that the per-class lists are no longer
+trustworthy, the flat ``names`` list (every identifier-like string the registration code references) is
+still written.
+
+Output: ``<out>/<version>.json`` with ``version``, ``package``, ``wheel``, ``sha256`` (of the wheel),
+``module`` (module-level names), ``classes`` ({class or enum: sorted member names}), ``enums`` (which of the
+classes are enums), ``names`` (flat, sorted) and ``unresolved``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_VERSIONS = ["10.13.3.9", "10.16.1.11", "11.4.0.106"]
+PACKAGES = ["tensorrt-cu12-bindings", "tensorrt-cu13-bindings"]
+PLATFORM = "manylinux_2_28_x86_64"
+PYTHON_VERSION = "3.11"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "engines" / "data" / "tensorrt_api"
+DEFAULT_WHEEL_DIR = Path("/tmp/trt-wheels")
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{1,80}$")  # the flat `names` list
+MEMBER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,80}$")  # a member or class name may be one letter
+
+
+# -- wheels ------------------------------------------------------------------------------------------------
+def _wheel_glob(version: str) -> list[str]:
+    return [f"{pkg.replace('-', '_')}-{version}-*.whl" for pkg in PACKAGES]
+
+
+def find_wheel(version: str, wheel_dir: Path) -> Path | None:
+    for pattern in _wheel_glob(version):  # cu12 first
+        hits = sorted(wheel_dir.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def download_wheel(version: str, wheel_dir: Path) -> Path:
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for pkg in PACKAGES:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--python-version", PYTHON_VERSION, "--platform", PLATFORM, "-d", str(wheel_dir), f"{pkg}=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            wheel = find_wheel(version, wheel_dir)
+            if wheel:
+                return wheel
+        errors.append(f"{pkg}: " + (proc.stderr.strip().splitlines() or ["failed"])[-1])
+    raise SystemExit(f"cannot download the TensorRT {version} bindings wheel: " + "; ".join(errors))
+
+
+def read_wheel(wheel: Path) -> tuple[bytes, str | None, str]:
+    """(the compiled module, the package __init__.py text, the module's path in the wheel)."""
+    with zipfile.ZipFile(wheel) as zf:
+        sos = [n for n in zf.namelist() if re.search(r"(^|/)tensorrt[^/]*\.so$", n)]
+        if not sos:
+            raise SystemExit(f"{wheel.name}: no compiled tensorrt*.so inside")
+        so_name = sorted(sos, key=len)[0]
+        init_name = str(Path(so_name).parent / "__init__.py")
+        init = zf.read(init_name).decode() if init_name in zf.namelist() else None
+        return zf.read(so_name), init, so_name
+
+
+# -- ELF -----------------------------------------------------------------------------------------------------
+class Elf:
+    """Just enough of ELF64 little-endian to read C strings by virtual address."""
+
+    def __init__(self, data: bytes):
+        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+            raise SystemExit("the bindings module is not a 64-bit little-endian ELF file")
+        self.data = data
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        raw = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        names_off = raw[shstrndx][4]
+        self.sections = {self._cstr(names_off + r[0]).decode(): r for r in raw}
+        if ".rodata" not in self.sections:
+            raise SystemExit("the bindings module has no .rodata section")
+
+    def _cstr(self, off: int) -> bytes:
+        return self.data[off:self.data.index(b"\0", off)]
+
+    def rodata_string(self, addr: int) -> str | None:
+        _, _, _, vaddr, off, size = self.sections[".rodata"]
+        if vaddr <= addr < vaddr + size:
+            raw = self._cstr(addr - vaddr + off)
+            try:
+                return raw.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+        return None
+
+    def rodata_identifiers(self) -> set[str]:
+        _, _, _, _, off, size = self.sections[".rodata"]
+        out = set()
+        for piece in self.data[off:off + size].split(b"\0"):
+            if 2 <= len(piece) <= 81 and NAME_RE.match(piece.decode("latin1")):
+                out.add(piece.decode("latin1"))
+        return out
+
+
+# -- disassembly ---------------------------------------------------------------------------------------------
+HEADER_RE = re.compile(r"^([0-9a-f]+) <(.*)>:$")
+INSN_RE = re.compile(r"^\s+([0-9a-f]+):\t(\S+)\s*(.*)$")
+TARGET_RE = re.compile(r"^([0-9a-f]+) <(.*)>$")
+COMMENT_RE = re.compile(r"#\s*([0-9a-f]+)(?:\s+<(.*)>)?\s*$")
+STACK_RE = re.compile(r"^-?(?:0x[0-9a-f]+)?\(%r[sb]p\)$")
+
+
+def disassemble(so_bytes: bytes, objdump: str) -> dict[int, tuple[str, list]]:
+    """{function address: (demangled name, [(address, mnemonic, operand text), ...])} for .text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tensorrt.so"
+        path.write_bytes(so_bytes)
+        proc = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", "-j", ".text", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"objdump failed: {proc.stderr.strip()[:300]}")
+    funcs: dict[int, tuple[str, list]] = {}
+    body = None
+    for line in proc.stdout.splitlines():
+        m = INSN_RE.match(line)
+        if m and body is not None:
+            body.append((int(m.group(1), 16), m.group(2), m.group(3)))
+            continue
+        m = HEADER_RE.match(line)
+        if m:
+            body = []
+            funcs[int(m.group(1), 16)] = (m.group(2), body)
+    return funcs
+
+
+_REG64 = {}
+for _r in "abcd":
+    for _n in (f"r{_r}x", f"e{_r}x", f"{_r}x", f"{_r}l"):
+        _REG64[_n] = f"r{_r}x"
+for _r in ("si", "di", "bp", "sp"):
+    for _n in ("r" + _r, "e" + _r, _r, _r + "l"):
+        _REG64[_n] = "r" + _r
+for _i in range(8, 16):
+    for _n in (f"r{_i}", f"r{_i}d", f"r{_i}w", f"r{_i}b"):
+        _REG64[_n] = f"r{_i}"
+CALLER_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
+ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+
+
+def _operands(text: str) -> list[str]:
+    text = text.split("#")[0].strip()
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def _reg(op: str) -> str | None:
+    return _REG64.get(op[1:]) if op.startswith("%") else None
+
+
+def _strip_clone(name: str) -> str:
+    return re.sub(r"(\s*\[clone [^\]]*\])+$", "", name)
+
+
+def _first_template_arg(name: str, prefix: str) -> str | None:
+    """'pybind11::class_<A, B<C> >& pybind11::class_<A, ...>::def...' -> 'A' for the class_ being called."""
+    # the callee is the qualified name right before the argument list: find '<prefix><' that is followed by '>::'
+    for m in re.finditer(re.escape(prefix) + "<", name):
+        i, depth, start = m.end(), 1, m.end()
+        first_end = None
+        while i < len(name) and depth:
+            ch = name[i]
+            if ch in "<(":
+                depth += 1
+            elif ch in ">)":
+                depth -= 1
+            elif ch == "," and depth == 1 and first_end is None:
+                first_end = i
+            i += 1
+        if name[i:i + 2] == "::":
+            return name[start:first_end if first_end is not None else i - 1].strip()
+    return None
+
+
+def _callee_method(name: str) -> str:
+    """'R& pybind11::class_<...>::def_property<...>(char const*, ...)' -> 'def_property'."""
+    base = _strip_clone(name)
+    # cut the argument list: the last top-level '(...)' group
+    depth, i = 0, len(base) - 1
+    while i >= 0:
+        ch = base[i]
+        if ch in ")>":
+            depth += 1
+        elif ch in "(<":
+            depth -= 1
+            if depth == 0 and ch == "(":
+                break
+        i -= 1
+    head = base[:i] if i > 0 else base
+    # drop a trailing template argument list
+    while head.endswith(">"):
+        depth, j = 0, len(head) - 1
+        while j >= 0:
+            depth += head[j] == ">"
+            depth -= head[j] == "<"
+            if depth == 0:
+                break
+            j -= 1
+        head = head[:j]
+    return head.rsplit("::", 1)[-1]
+
+
+# -- the interpreter ------------------------------------------------------------------------------------------
+@dataclass
+class Api:
+    classes: dict[str, set] = field(default_factory=dict)
+    enums: set = field(default_factory=set)
+    module: set = field(default_factory=set)
+    referenced: set = field(default_factory=set)
+    cpp2py: dict[str, str] = field(default_factory=dict)
+    unresolved: list = field(default_factory=list)
+    exports: list = field(default_factory=list)  # (enum key, scope key or None for the module)
+
+    def add(self, cls: str | None, name) -> bool:
+        if cls is None or not isinstance(name, str) or not MEMBER_RE.match(name):
+            return False
+        self.classes.setdefault(cls, set()).add(name)
+        return True
+
+
+# a registration function: `tensorrt::bindCore(pybind11::module_&)`, `pybind11_init_tensorrt(pybind11::module_&)`
+BINDER_RE = re.compile(r"^[\w:]+\(pybind11::module_&\)$")
+# the module's init code: PyInit_tensorrt (pybind11 < 3), or the exec slot of multi-phase init (pybind11 3)
+ENTRY_RE = re.compile(r"^(PyInit_\w+|(\w+::)*pybind11_exec_\w+\(_object\*\))$")
+
+MEMBER_DEFS = ("def", "def_static", "def_property", "def_property_readonly", "def_property_static",
+               "def_property_readonly_static", "def_readwrite", "def_readonly", "def_readwrite_static",
+               "def_readonly_static")
+
+
+class Extractor:
+    def __init__(self, elf: Elf, funcs: dict[int, tuple[str, list]]):
+        self.elf, self.funcs, self.api = elf, funcs, Api()
+        self.current: str | None = None  # the class or enum being defined
+        self.pending_type: str | None = None  # C++ type of the type_record being filled
+        self.registered = 0
+
+    # naming
+    def py_key(self, cpp: str, name: str) -> str:
+        """Python key of a new class/enum: 'Outer.Inner' when its C++ type is nested in a bound class."""
+        parent = cpp.rsplit("::", 1)[0] if "::" in cpp else ""
+        if parent in self.api.cpp2py:
+            return f"{self.api.cpp2py[parent]}.{name}"
+        return name
+
+    def register(self, cpp: str | None, name, enum: bool):
+        if not isinstance(name, str) or not MEMBER_RE.match(name):
+            self.api.unresolved.append(("class", cpp))
+            self.current = None  # members that follow are unresolved rather than put into the wrong class
+            return
+        self.registered += 1
+        key = self.py_key(cpp, name) if cpp else name
+        if cpp:
+            self.api.cpp2py[cpp] = key
+        self.api.classes.setdefault(key, set())
+        if enum:
+            self.api.enums.add(key)
+        if "." not in key:
+            self.api.module.add(key)
+        self.current = key
+
+    def class_of(self, callee: str, prefix: str) -> str | None:
+        cpp = _first_template_arg(callee, prefix)
+        if cpp and cpp in self.api.cpp2py:
+            self.current = self.api.cpp2py[cpp]
+        return self.current
+
+    # walking
+    def run(self, addr: int, regs: dict | None = None, depth: int = 0, visiting: frozenset = frozenset()) -> int:
+        """Interpret one function; returns how many member names its registration calls yielded."""
+        name, body = self.funcs[addr]
+        regs = dict(regs or {})
+        mem: dict[str, object] = {}
+        stored: list = []  # strings stored to memory since the last call (accessor keys, type_record.name)
+        window: list | None = None  # strings stored between type_record() and initialize()
+        found = 0
+        for _, mnem, text in body:
+            ops = _operands(text)
+            if mnem == "lea" and len(ops) == 2 and "(%rip)" in ops[0]:
+                m = COMMENT_RE.search(text)
+                dst = _reg(ops[1])
+                if m and dst:
+                    target = int(m.group(1), 16)
+                    s = self.elf.rodata_string(target)
+                    if s is not None:
+                        regs[dst] = s
+                        if depth == 0 and NAME_RE.match(s):
+                            self.api.referenced.add(s)
+                    else:
+                        regs[dst] = ("sym", m.group(2) or "")
+                        sym = m.group(2) or ""
+                        if window is not None and "::init_instance(" in sym:
+                            self.pending_type = _first_template_arg(sym, "pybind11::class_")
+                continue
+            if mnem in ("call", "jmp") and TARGET_RE.match(text.strip()):
+                m = TARGET_RE.match(text.strip())
+                target, callee = int(m.group(1), 16), m.group(2)
+                if mnem == "jmp" and (target not in self.funcs or target == addr):
+                    continue  # a branch inside the function
+                if ".cold" in callee:
+                    continue  # exception paths split off by the compiler
+                args = {r: regs.get(r) for r in ARG_REGS}
+                res = self.on_call(target, callee, args, stored, window, depth, visiting | {addr})
+                if res == "type_record":
+                    window = []
+                elif res == "initialized":
+                    window = None
+                elif isinstance(res, int):
+                    found += res
+                for r in CALLER_SAVED:
+                    regs.pop(r, None)
+                stored = []
+                continue
+            if mnem == "call":  # indirect
+                for r in CALLER_SAVED:
+                    regs.pop(r, None)
+                stored = []
+                continue
+            if mnem == "mov" and len(ops) == 2:
+                src, dst = ops
+                rs, rd = _reg(src), _reg(dst)
+                if rs and rd and src.startswith("%r") and dst.startswith("%r"):
+                    regs[rd] = regs.get(rs)
+                    continue
+                if rs and rd is None and STACK_RE.match(dst):
+                    val = regs.get(rs) if src.startswith("%r") else None
+                    mem[dst] = val
+                    if isinstance(val, str):
+                        stored.append(val)
+                        if window is not None:
+                            window.append(val)
+                    continue
+                if rd and STACK_RE.match(src):
+                    regs[rd] = mem.get(src)
+                    continue
+                if rs and rd is None and isinstance(regs.get(rs), str):  # stored through another pointer
+                    stored.append(regs[rs])
+                    if window is not None:
+                        window.append(regs[rs])
+            if ops:
+                rd = _reg(ops[-1])
+                if rd:
+                    regs.pop(rd, None)
+                elif STACK_RE.match(ops[-1]):
+                    mem.pop(ops[-1], None)
+            if mnem in ("xchg", "cmpxchg", "xadd") and len(ops) == 2 and _reg(ops[0]):
+                regs.pop(_reg(ops[0]), None)
+        return found
+
+    def on_call(self, target, callee, args, stored, window, depth, visiting):
+        api = self.api
+        base = _strip_clone(callee)
+        if "type_record::type_record()" in base:
+            self.pending_type = None
+            return "type_record"
+        if "generic_type::initialize(" in base:
+            names = [s for s in (window or []) if MEMBER_RE.match(s)]
+            self.register(self.pending_type, names[-1] if names else None, enum=False)
+            return "initialized"
+        method = _callee_method(base)
+        for kind in ("enum_", "class_"):
+            if f"pybind11::{kind}<" in base and method == kind:  # an out-of-line constructor (scope, "Name", ...)
+                before = self.registered
+                if target in self.funcs and depth < 3 and target not in visiting:
+                    # the name may be constant-folded into a clone: its type_record shows it
+                    self.run(target, {r: v for r, v in args.items() if r != "rdi"}, depth + 1, visiting)
+                if self.registered == before:
+                    self.register(_first_template_arg(base, f"pybind11::{kind}"), args["rdx"], enum=kind == "enum_")
+                elif kind == "enum_" and self.current:
+                    self.api.enums.add(self.current)
+                return None
+        if base.startswith("pybind11::enum_<") or "& pybind11::enum_<" in base or " pybind11::enum_<" in base:
+            if method == "value":
+                cls = self.class_of(base, "pybind11::enum_")
+                if not api.add(cls, args["rsi"]):
+                    api.unresolved.append((cls, "value"))
+                return 1
+            if method == "export_values":
+                self.export(self.class_of(base, "pybind11::enum_"))
+                return None
+        if "pybind11::class_<" in base and method in MEMBER_DEFS:
+            cls = self.class_of(base, "pybind11::class_")
+            if api.add(cls, args["rsi"]):
+                return 1
+            if "[clone" in callee and target in self.funcs and depth < 3 and target not in visiting:
+                saved = self.current
+                self.current = cls
+                n = self.run(target, {r: v for r, v in args.items() if r != "rdi"}, depth + 1, visiting)
+                self.current = saved
+                if n:
+                    return n
+            api.unresolved.append((cls, method, callee))
+            return 0
+        if "detail::add_class_method(" in base or "generic_type::def_property_static_impl(" in base:
+            if api.add(self.current, args["rsi"]):
+                return 1
+            api.unresolved.append((self.current, method))
+            return 0
+        if "detail::enum_base::value(" in base:
+            if api.add(self.current, args["rsi"]):
+                return 1
+            api.unresolved.append((self.current, "value"))
+            return 0
+        if "detail::enum_base::export_values()" in base:
+            self.export(self.current)
+            return None
+        if "pybind11::module_::def<" in base or "pybind11::module_::add_object(" in base \
+                or base.startswith("pybind11::module_::def("):
+            if isinstance(args["rsi"], str) and MEMBER_RE.match(args["rsi"]):
+                api.module.add(args["rsi"])
+                return 1
+            if "[clone" in callee and target in self.funcs and depth < 3 and target not in visiting:
+                n = self.run(target, {r: v for r, v in args.items() if r != "rdi"}, depth + 1, visiting)
+                if n:
+                    return n
+            api.unresolved.append(("<module>", method, callee))
+            return 0
+        if "accessor<pybind11::detail::accessor_policies::str_attr>::operator=" in base:
+            keys = [s for s in stored if MEMBER_RE.match(s)]
+            if keys:
+                api.module.add(keys[-1])  # m.attr("float32") = DataType::kFLOAT
+            else:
+                api.unresolved.append(("<module>", "attr"))
+            return None
+        if depth == 0 and target in self.funcs and target not in visiting and BINDER_RE.match(base):
+            self.run(target, None, 0, visiting)  # the next registration function, in call order
+        return None
+
+    def export(self, enum_key: str | None):
+        if enum_key:
+            scope = enum_key.rsplit(".", 1)[0] if "." in enum_key else None
+            self.api.exports.append((enum_key, scope))
+
+
+def _apply_exports(api: Api):
+    for enum_key, scope in api.exports:
+        members = api.classes.get(enum_key, set())
+        if scope is None:
+            api.module |= members
+        else:
+            api.classes.setdefault(scope, set()).update(members)
+
+
+# -- __init__.py ---------------------------------------------------------------------------------------------
+def _dotted(node) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return f"{inner}.{node.attr}" if inner else None
+    return None
+
+
+def apply_init_py(api: Api, source: str):
+    """Names the package's __init__.py adds: module-level defs/assignments, `Cls.attr = ...`,
+    `setattr(Cls, ...)` in a loop over an enum's `__members__`."""
+    tree = ast.parse(source)
+    for node in tree.body:  # module level only (the Windows loader code is inside `if` blocks)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            api.module.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    api.module.add(t.id)
+                elif isinstance(t, ast.Attribute):
+                    owner = _dotted(t.value)
+                    if owner in api.classes:
+                        api.classes[owner].add(t.attr)
+                        if isinstance(node.value, ast.Attribute) and _dotted(node.value) in api.classes:
+                            api.classes.setdefault(f"{owner}.{t.attr}", set()).update(api.classes[_dotted(node.value)])
+        elif isinstance(node, ast.If) and _const_true(node.test):  # `if "tensorrt" == "tensorrt" ...:`
+            apply_init_py(api, ast.unparse(ast.Module(body=node.body, type_ignores=[])))
+        elif isinstance(node, ast.For):
+            # for attr, value in ILogger.Severity.__members__.items(): setattr(Logger, attr, value)
+            it = node.iter
+            if (isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute) and it.func.attr == "items"
+                    and isinstance(it.func.value, ast.Attribute) and it.func.value.attr == "__members__"):
+                enum = _dotted(it.func.value.value)
+                for stmt in node.body:
+                    call = stmt.value if isinstance(stmt, ast.Expr) else None
+                    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "setattr"
+                            and call.args and _dotted(call.args[0]) in api.classes and enum in api.classes):
+                        api.classes[_dotted(call.args[0])].update(api.classes[enum])
+
+
+def _const_true(test) -> bool:
+    try:
+        return bool(eval(compile(ast.Expression(test), "<init>", "eval"), {"__builtins__": {}}))  # noqa: S307
+    except Exception:
+        return False
+
+
+# -- per version ---------------------------------------------------------------------------------------------
+# (class, member) pairs every supported TensorRT has; a version missing one means the extraction broke
+SANITY = [("ICudaEngine", "get_tensor_name"), ("ICudaEngine", "num_io_tensors"), ("IExecutionContext", "execute_async_v3"),
+          ("IExecutionContext", "set_input_shape"), ("Builder", "create_network"), ("IBuilderConfig", "set_memory_pool_limit"),
+          ("OnnxParser", "parse_from_file"), ("TensorIOMode", "OUTPUT"), ("Logger", "WARNING"), ("Runtime", "deserialize_cuda_engine"),
+          ("ILogger.Severity", "WARNING"), ("IOptimizationProfile", "set_shape")]
+MODULE_SANITY = ["Builder", "Runtime", "Logger", "float32", "int64", "DataType", "__version__"]
+
+
+def _sanity(api: Api, version: str):
+    missing = [f"{c}.{n}" for c, n in SANITY if n not in api.classes.get(c, ())]
+    missing += [f"trt.{n}" for n in MODULE_SANITY if n not in api.module]
+    if missing:
+        raise SystemExit(f"TensorRT {version}: the extraction did not find {', '.join(missing)}; "
+                         "the module's code shape changed, so this script needs an update")
+
+
+def extract(wheel: Path, objdump: str) -> dict:
+    so_bytes, init_py, so_name = read_wheel(wheel)
+    elf = Elf(so_bytes)
+    funcs = disassemble(so_bytes, objdump)
+    ex = Extractor(elf, funcs)
+    entries = [a for a, (n, _) in funcs.items() if ENTRY_RE.match(n)]
+    if not entries:
+        raise SystemExit(f"{wheel.name}: no PyInit_/pybind11_exec_ function in {so_name}")
+    for entry in entries:
+        ex.run(entry)
+    api = ex.api
+    if not api.classes:
+        raise SystemExit(f"{wheel.name}: found no pybind11 classes (is {so_name} stripped?)")
+    _apply_exports(api)
+    if init_py:
+        apply_init_py(api, init_py)
+    return {"so": so_name, "api": api, "rodata": elf.rodata_identifiers()}
+
+
+def version_record(version: str, wheel: Path, objdump: str) -> dict:
+    got = extract(wheel, objdump)
+    api: Api = got["api"]
+    _sanity(api, version)
+    names = set(api.referenced) | set(api.module)
+    for cls, members in api.classes.items():
+        names |= set(members) | set(cls.split("."))
+    names = sorted(n for n in names if NAME_RE.match(n))
+    package = wheel.name.split("-")[0].replace("_", "-")
+    return {
+        "version": version,
+        "package": package,
+        "wheel": wheel.name,
+        "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        "module_file": got["so"],
+        "method": "pybind11 registration calls read from objdump -d of the module's init code; see scripts/trt_api_names.py",
+        "unresolved": len(api.unresolved),
+        "module": sorted(api.module),
+        "enums": sorted(api.enums),
+        "classes": {c: sorted(m) for c, m in sorted(api.classes.items())},
+        "names": names,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--versions", nargs="+", default=DEFAULT_VERSIONS)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--wheel-dir", type=Path, default=DEFAULT_WHEEL_DIR,
+                    help="where wheels are looked for first and downloaded to (default /tmp/trt-wheels)")
+    ap.add_argument("--offline", action="store_true", help="only use wheels already in --wheel-dir")
+    ap.add_argument("--objdump", default=shutil.which("objdump") or "objdump")
+    args = ap.parse_args(argv)
+    if not shutil.which(args.objdump) and not Path(args.objdump).is_file():
+        raise SystemExit("objdump (GNU binutils) is needed: apt-get install binutils, or pass --objdump")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for version in args.versions:
+        wheel = find_wheel(version, args.wheel_dir)
+        if wheel is None:
+            if args.offline:
+                raise SystemExit(f"no wheel for TensorRT {version} in {args.wheel_dir} (--offline)")
+            wheel = download_wheel(version, args.wheel_dir)
+        rec = version_record(version, wheel, args.objdump)
+        path = args.out / f"{version}.json"
+        path.write_text(json.dumps(rec, indent=0, sort_keys=False) + "\n")
+        n_members = sum(len(v) for v in rec["classes"].values())
+        print(f"{version}: {wheel.name}: {len(rec['classes'])} classes/enums, {n_members} members, "
+              f"{len(rec['names'])} names, {rec['unresolved']} unresolved -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
