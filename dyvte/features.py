@@ -35,5 +35,5 @@ def has_cuda() -> bool:
 
 
 def built_engines(manifest) -> list[str]:
-    """Which engine kinds a folder holds besides ONNX (e.g. ``tensorrt``)."""
-    return list(manifest.data.get("engines", {}))
+    """Which engine kinds a folder holds complete builds of besides ONNX (e.g. ``tensorrt``)."""
+    return [k for k, v in manifest.data.get("engines", {}).items() if v.get("complete", True)]

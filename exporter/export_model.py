@@ -196,7 +196,13 @@ def _export_onnx(part, path: Path, opset: int):
     return save_onnx(model, path), aliases, unused
 
 
+#: Export dtypes whose graphs ONNX Runtime's CPU provider cannot run: their parts are validated by
+#: loading the written ONNX weights into the torch backend's modules instead.
+TORCH_VALIDATED = ("bfloat16",)
+
+
 def _session_runner(path: Path):
+    """``run(feeds) -> outputs`` of an exported graph on ONNX Runtime (CPU)."""
     import torch
 
     from dyvte.runtime.backends.onnxruntime import create_session
@@ -206,6 +212,26 @@ def _session_runner(path: Path):
     def run(feeds):
         arrays = {k: v.detach().contiguous().numpy() for k, v in feeds.items()}
         return [torch.from_numpy(o) for o in sess.run(None, arrays)]
+
+    return run
+
+
+def _torch_runner(part, path: Path, aliases: dict, unused, spec, config, dtype: str):
+    """``run(feeds) -> outputs`` of the torch backend's module for ``part``, with the weights read
+    back from the written ONNX file (validation where ONNX Runtime has no kernels)."""
+    import torch
+
+    from dyvte.runtime.backends.torch import materialize, onnx_source, part_builder
+
+    tdt = getattr(torch, dtype)
+    gate = part.kind == "gate"
+    module = materialize(part_builder(part.kind, part.info, spec, config, torch.float32 if gate else tdt),
+                         onnx_source(path, aliases, unused), "cpu", torch.float32 if gate else tdt)
+
+    def run(feeds):
+        with torch.no_grad():
+            out = module(*[feeds[t.name] for t in part.inputs])
+        return list(out) if isinstance(out, (tuple, list)) else [out]
 
     return run
 
@@ -312,7 +338,11 @@ def export(settings: ExportSettings) -> Path:
                 raise
             except Exception as exc:
                 raise ExportError(f"exporting {name} to ONNX failed: {str(exc).splitlines()[0][:300]}") from exc
-            err = validate(part, _session_runner(path), model, settings.dtype, gates) if settings.validate else None
+            err = None
+            if settings.validate:
+                runner = (_torch_runner(part, path, aliases, unused, spec, config, settings.dtype)
+                          if settings.dtype in TORCH_VALIDATED else _session_runner(path))
+                err = validate(part, runner, model, settings.dtype, gates, max_position=max_input + max_new - 1)
             rec = {
                 "key": keys[name],
                 "files": _file_meta(staging, written),

@@ -72,23 +72,27 @@ def _f32(module):
     return module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
 
 
-def _segment_cases(spec, dtype):
+def _segment_cases(spec, dtype, max_position: int):
     g = torch.Generator().manual_seed(0)
     d = spec.hidden_size
 
     def rand(*shape):
         return torch.randn(*shape, generator=g)
 
-    # prefill with left padding, decode after a cache, text-only with gapped positions
+    # prefill with left padding, decode after a cache, text-only with gapped positions, and the
+    # folder's longest positions (RoPE rounding shows there, not at 30)
     mask = torch.ones(2, 7, dtype=torch.int64)
     mask[1, :2] = 0
     pos = (mask.cumsum(1) - 1).clamp(min=0)
+    top = max_position
     yield "prefill", rand(2, 7, d), pos, mask, 0
     yield "decode", rand(2, 1, d), torch.tensor([[9], [7]]), torch.ones(2, 10, dtype=torch.int64), 9
     yield "gapped", rand(1, 5, d), torch.tensor([[0, 1, 2, 30, 31]]), torch.ones(1, 5, dtype=torch.int64), 0
+    yield "long", rand(1, 6, d), torch.tensor([[0, 1, 2, top - 2, top - 1, top]]), torch.ones(1, 6, dtype=torch.int64), 0
+    yield "long decode", rand(1, 1, d), torch.tensor([[top]]), torch.ones(1, 9, dtype=torch.int64), 8
 
 
-def validate_segment(part, session_run, model, dtype: str) -> float:
+def validate_segment(part, session_run, model, dtype: str, max_position: int) -> float:
     start, end = part.info["layers"]
     spec = part.module.spec
     lm = hf.text_model(model)
@@ -96,7 +100,7 @@ def validate_segment(part, session_run, model, dtype: str) -> float:
     rotary = copy.deepcopy(lm.rotary_emb).float()
     tdt = getattr(torch, dtype)
     worst = 0.0
-    for case, hidden, pos, mask, P in _segment_cases(spec, dtype):
+    for case, hidden, pos, mask, P in _segment_cases(spec, dtype, max_position):
         g = torch.Generator().manual_seed(P + 1)
         past = {
             i: tuple(torch.randn(hidden.shape[0], spec.num_kv_heads, P, spec.head_dim, generator=g).to(tdt) for _ in range(2))
@@ -135,13 +139,14 @@ def gate_reference(gates: dict, layer: int, hidden, text_mask):
     return torch.stack(probs)
 
 
-def validate(part, session_run, model, dtype: str, gates: dict | None = None) -> float:
-    """Run the exported graph (``session_run(feeds) -> list of tensors``) against PyTorch."""
+def validate(part, session_run, model, dtype: str, gates: dict | None = None, max_position: int = 2047) -> float:
+    """Run the exported graph (``session_run(feeds) -> list of tensors``) against PyTorch;
+    decoder segments also at ``max_position``, the largest position the folder allows."""
     tdt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         if part.kind == "segment":
-            return validate_segment(part, session_run, model, dtype)
+            return validate_segment(part, session_run, model, dtype, max_position)
         if part.kind == "embed":
             ids = torch.randint(0, part.module.embed_tokens.num_embeddings, (2, 7), generator=g)
             ref = hf.text_model(model).embed_tokens(ids)

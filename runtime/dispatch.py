@@ -167,7 +167,8 @@ class Dispatcher:
         ids = batch.ids.masked_fill(batch.visual, 0)  # image placeholders may lie outside the vocabulary
         hidden = runner.embed(ids)  # [B,T,D]
         t0 = time.perf_counter()
-        if batch.visual.any() and policy.layer != 0:
+        skip_vision = policy.layer == 0 and bool(batch.exitable[batch.visual.any(1)].all())  # all dropped at 0
+        if batch.visual.any() and not skip_vision:
             feats = runner.vision(batch.pixel_values)  # [N,V,D]
             hidden[batch.visual] = feats.reshape(-1, feats.shape[-1]).to(hidden.dtype)
         runner.synchronize()

@@ -150,7 +150,6 @@ HEADER_RE = re.compile(r"^([0-9a-f]+) <(.*)>:$")
 INSN_RE = re.compile(r"^\s+([0-9a-f]+):\t(\S+)\s*(.*)$")
 TARGET_RE = re.compile(r"^([0-9a-f]+) <(.*)>$")
 COMMENT_RE = re.compile(r"#\s*([0-9a-f]+)(?:\s+<(.*)>)?\s*$")
-STACK_RE = re.compile(r"^-?(?:0x[0-9a-f]+)?\(%r[sb]p\)$")
 
 
 def disassemble(so_bytes: bytes, objdump: str) -> dict[int, tuple[str, list]]:
@@ -273,10 +272,14 @@ class Api:
     unresolved: list = field(default_factory=list)
     exports: list = field(default_factory=list)  # (enum key, scope key or None for the module)
 
+    trace: list | None = None
+
     def add(self, cls: str | None, name) -> bool:
         if cls is None or not isinstance(name, str) or not MEMBER_RE.match(name):
             return False
         self.classes.setdefault(cls, set()).add(name)
+        if self.trace is not None:
+            self.trace.append(f"  {cls}.{name}")
         return True
 
 
@@ -290,70 +293,228 @@ MEMBER_DEFS = ("def", "def_static", "def_property", "def_property_readonly", "de
                "def_readonly_static")
 
 
+def _address(op: str, regs: dict, frame: int):
+    """Memory operand -> slot key: '0x48(%rsp)' -> (frame, 'rsp', 0x48); '-0x8(%r12)' with %r12 holding a
+    stack address -> that slot; '(%rdi)' with %rdi holding a Python object marker -> ('obj', marker); else None."""
+    m = re.match(r"^(-?)(0x[0-9a-f]+|\d+)?\((%\w+)\)$", op)
+    if not m:
+        return None
+    off = int(m.group(2), 0) if m.group(2) else 0
+    off = -off if m.group(1) else off
+    base = _reg(m.group(3))
+    if base in ("rsp", "rbp"):
+        return (frame, base, off)
+    val = regs.get(base)
+    if isinstance(val, tuple) and val[0] == "stk":
+        return (val[1], val[2], val[3] + off)
+    if isinstance(val, tuple) and val[0] in ("module", "pyobj") and off == 0:
+        return ("obj", val)
+    return None
+
+
+NO_WRITE = {"cmp", "cmpb", "cmpw", "cmpl", "cmpq", "test", "testb", "testw", "testl", "testq", "bt", "btl", "btq",
+            "ucomiss", "ucomisd", "comiss", "comisd", "push", "pushq", "ret", "leave", "endbr64", "ud2", "hlt"}
+
+
+class _State:
+    """What the interpreter knows about one function activation: registers and memory slots holding string
+    addresses (str), symbol addresses (('sym', name)), stack addresses (('stk', frame, base, offset)) or
+    Python object handles (('module',), ('pyobj', key)); xmm registers as two 8-byte lanes."""
+
+    frames = 0
+
+    def __init__(self, regs: dict, objects: dict):
+        _State.frames += 1
+        self.frame = _State.frames
+        self.regs = regs
+        self.objects = objects  # stack slot of a pybind11 class_/enum_ object -> its key
+        self.xmm: dict[str, list] = {}
+        self.mem: dict[tuple, object] = {}
+        self.stored: list = []  # strings written to memory since the last call (accessor keys)
+        self.in_record = False  # between type_record() and generic_type::initialize()
+
+    def after_call(self):
+        for r in CALLER_SAVED:
+            self.regs.pop(r, None)
+        self.xmm.clear()
+        self.stored = []
+
+    def addr(self, op: str):
+        return _address(op, self.regs, self.frame)
+
+    def load(self, addr):
+        if addr is None:
+            return None
+        if addr[0] == "obj":
+            return addr[1]  # the handle inside a class_/module_ object
+        if addr in self.objects:
+            return ("pyobj", self.objects[addr])
+        return self.mem.get(addr)
+
+    def store(self, addr, val):
+        if addr is not None:
+            self.mem[addr] = val
+        if isinstance(val, str):
+            self.stored.append(val)
+
+    def step(self, mnem: str, ops: list[str]):
+        regs = self.regs
+        if len(ops) == 2:
+            src, dst = ops
+            rs, rd = _reg(src), _reg(dst)
+            xs = src[1:] if src.startswith("%xmm") else None
+            xd = dst[1:] if dst.startswith("%xmm") else None
+            if mnem == "lea" and rd:
+                a = self.addr(src)
+                regs[rd] = ("stk", *a) if a and a[0] != "obj" else None
+                return
+            if mnem == "mov":
+                if rs and rd:
+                    regs[rd] = regs.get(rs) if src.startswith("%r") and dst.startswith("%r") else None
+                    return
+                if rd:
+                    regs[rd] = self.load(self.addr(src)) if dst.startswith("%r") else None
+                    return
+                if rs or src.startswith("$"):
+                    self.store(self.addr(dst), regs.get(rs) if rs and src.startswith("%r") else None)
+                    return
+            if mnem == "movq":
+                if rs and xd:
+                    self.xmm[xd] = [regs.get(rs), None]
+                    return
+                if xs and rd:
+                    regs[rd] = self.xmm.get(xs, [None, None])[0]
+                    return
+                if xs and not xd:  # 8-byte store of the low lane
+                    self.store(self.addr(dst), self.xmm.get(xs, [None, None])[0])
+                    return
+                if xd and not rs:
+                    self.xmm[xd] = [self.load(self.addr(src)), None]
+                    return
+                if src.startswith("$") and not rd:
+                    self.store(self.addr(dst), None)
+                    return
+            if mnem == "punpcklqdq" and xs and xd:
+                self.xmm[xd] = [self.xmm.get(xd, [None, None])[0], self.xmm.get(xs, [None, None])[0]]
+                return
+            if mnem in ("movaps", "movups", "movdqa", "movdqu", "vmovdqa", "vmovdqu", "vmovaps", "vmovups"):
+                if xs and xd:
+                    self.xmm[xd] = list(self.xmm.get(xs, [None, None]))
+                    return
+                a = self.addr(dst if xs else src)
+                a2 = (a[0], a[1], a[2] + 8) if a and a[0] != "obj" else None
+                if xs:  # 16-byte store
+                    lanes = self.xmm.get(xs, [None, None])
+                    self.store(a, lanes[0])
+                    self.store(a2, lanes[1])
+                    return
+                if xd:
+                    self.xmm[xd] = [self.load(a), self.load(a2)]
+                    return
+        # anything else: forget what its destination held
+        if mnem in NO_WRITE or mnem.startswith(("j", "nop", "prefetch")):
+            return
+        if mnem in ("pop", "popq"):
+            # only epilogues pop; the code after an early `ret` is reached by jumps from the body, where the
+            # callee-saved registers still held the body's values
+            return
+        if ops:
+            last = ops[-1]
+            if _reg(last):
+                regs.pop(_reg(last), None)
+            elif last.startswith("%xmm"):
+                self.xmm.pop(last[1:], None)
+            else:
+                a = self.addr(last)
+                if a and a[0] != "obj":
+                    self.mem.pop(a, None)
+                    self.mem.pop((a[0], a[1], a[2] + 8), None)
+        if mnem in ("xchg", "cmpxchg", "xadd") and len(ops) == 2 and _reg(ops[0]):
+            regs.pop(_reg(ops[0]), None)
+
+
 class Extractor:
+    """Follows the module's registration code and fills an Api."""
+
     def __init__(self, elf: Elf, funcs: dict[int, tuple[str, list]]):
         self.elf, self.funcs, self.api = elf, funcs, Api()
-        self.current: str | None = None  # the class or enum being defined
+        self.objects: dict[tuple, str] = {}  # stack slot of a class_/enum_ object -> key
+        self.current: str | None = None  # the class or enum defined last (for the rare call without `this`)
         self.pending_type: str | None = None  # C++ type of the type_record being filled
         self.registered = 0
+        self.how: dict[str, int] = {}  # how the owner of each member was found (diagnostics)
 
-    # naming
-    def py_key(self, cpp: str, name: str) -> str:
-        """Python key of a new class/enum: 'Outer.Inner' when its C++ type is nested in a bound class."""
-        parent = cpp.rsplit("::", 1)[0] if "::" in cpp else ""
-        if parent in self.api.cpp2py:
-            return f"{self.api.cpp2py[parent]}.{name}"
-        return name
+    # -- classes ----------------------------------------------------------------------------------------
+    def scope_key(self, handle) -> str | None:
+        """'' for the module, a class key for a class scope, None when unknown."""
+        if isinstance(handle, tuple):
+            if handle[0] == "module":
+                return ""
+            if handle[0] == "pyobj":
+                return handle[1]
+            if handle[0] == "stk":
+                if handle[1:] in self.objects:
+                    return self.objects[handle[1:]]
+        return None
 
-    def register(self, cpp: str | None, name, enum: bool):
+    def register(self, cpp: str | None, name, enum: bool, this, scope) -> None:
         if not isinstance(name, str) or not MEMBER_RE.match(name):
             self.api.unresolved.append(("class", cpp))
-            self.current = None  # members that follow are unresolved rather than put into the wrong class
+            self.current = None  # what follows is unresolved rather than put into the wrong class
             return
         self.registered += 1
-        key = self.py_key(cpp, name) if cpp else name
+        outer = self.scope_key(scope)
+        if outer is None and cpp and "::" in cpp:  # unknown scope: nest like the C++ type is nested
+            outer = self.api.cpp2py.get(cpp.rsplit("::", 1)[0], "")
+        key = f"{outer}.{name}" if outer else name
+        if self.api.trace is not None:
+            self.api.trace.append(f"{'enum' if enum else 'class'} {key} <- {cpp} (this={this}, scope={scope})")
         if cpp:
             self.api.cpp2py[cpp] = key
         self.api.classes.setdefault(key, set())
         if enum:
             self.api.enums.add(key)
-        if "." not in key:
+        if not outer:
             self.api.module.add(key)
+        if isinstance(this, tuple) and this[0] == "stk":
+            self.objects[this[1:]] = key
         self.current = key
 
-    def class_of(self, callee: str, prefix: str) -> str | None:
-        cpp = _first_template_arg(callee, prefix)
-        if cpp and cpp in self.api.cpp2py:
-            self.current = self.api.cpp2py[cpp]
+    def owner(self, this, callee: str | None = None, prefix: str | None = None) -> str | None:
+        """The class a member call is for: from `this` (the class_ object, or the enum_base inside an enum_),
+        else from the callee's template argument, else the class defined last."""
+        by_this = by_template = None
+        if isinstance(this, tuple) and this[0] == "pyobj":
+            by_this = this[1]
+        elif isinstance(this, tuple) and this[0] == "stk":
+            for delta in (0, -8):
+                slot = (this[1], this[2], this[3] + delta)
+                if slot in self.objects:
+                    by_this = self.objects[slot]
+                    break
+        if callee and prefix:
+            cpp = _first_template_arg(callee, prefix)
+            by_template = self.api.cpp2py.get(cpp) if cpp else None
+        if by_this and by_template and by_this != by_template:
+            self.how["disagree"] = self.how.get("disagree", 0) + 1  # identical code folded under one name
+            if self.api.trace is not None:
+                self.api.trace.append(f"  DISAGREE this={by_this} template={by_template}")
+        how = "this" if by_this else "template" if by_template else "last"
+        if how != "this" and self.api.trace is not None:
+            self.api.trace.append(f"  BY-{how} this={this} current={self.current} callee={(callee or '')[:150]}")
+        self.how[how] = self.how.get(how, 0) + 1
+        self.current = by_this or by_template or self.current
         return self.current
 
-    # walking
+    # -- walking ----------------------------------------------------------------------------------------
     def run(self, addr: int, regs: dict | None = None, depth: int = 0, visiting: frozenset = frozenset()) -> int:
-        """Interpret one function; returns how many member names its registration calls yielded."""
-        name, body = self.funcs[addr]
-        regs = dict(regs or {})
-        mem: dict[str, object] = {}
-        stored: list = []  # strings stored to memory since the last call (accessor keys, type_record.name)
-        window: list | None = None  # strings stored between type_record() and initialize()
+        """Interpret one function in address order (straight-line; branches are not followed, which suits
+        registration code: one long block of calls); returns how many names it registered."""
+        _, body = self.funcs[addr]
+        st = _State(dict(regs or {}), self.objects)
         found = 0
         for _, mnem, text in body:
             ops = _operands(text)
-            if mnem == "lea" and len(ops) == 2 and "(%rip)" in ops[0]:
-                m = COMMENT_RE.search(text)
-                dst = _reg(ops[1])
-                if m and dst:
-                    target = int(m.group(1), 16)
-                    s = self.elf.rodata_string(target)
-                    if s is not None:
-                        regs[dst] = s
-                        if depth == 0 and NAME_RE.match(s):
-                            self.api.referenced.add(s)
-                    else:
-                        regs[dst] = ("sym", m.group(2) or "")
-                        sym = m.group(2) or ""
-                        if window is not None and "::init_instance(" in sym:
-                            self.pending_type = _first_template_arg(sym, "pybind11::class_")
-                continue
             if mnem in ("call", "jmp") and TARGET_RE.match(text.strip()):
                 m = TARGET_RE.match(text.strip())
                 target, callee = int(m.group(1), 16), m.group(2)
@@ -361,132 +522,120 @@ class Extractor:
                     continue  # a branch inside the function
                 if ".cold" in callee:
                     continue  # exception paths split off by the compiler
-                args = {r: regs.get(r) for r in ARG_REGS}
-                res = self.on_call(target, callee, args, stored, window, depth, visiting | {addr})
-                if res == "type_record":
-                    window = []
-                elif res == "initialized":
-                    window = None
-                elif isinstance(res, int):
-                    found += res
-                for r in CALLER_SAVED:
-                    regs.pop(r, None)
-                stored = []
+                this = st.regs.get("rdi")
+                found += self.on_call(target, callee, st, depth, visiting | {addr}) or 0
+                if isinstance(this, tuple) and this[0] == "stk" and (
+                        "dec_ref" in callee or "::~" in callee or "type_record::type_record()" in callee):
+                    self.objects.pop(this[1:], None)  # the object in that slot was released, or the slot reused
+                st.after_call()
+                if re.match(r"^pybind11::(class_|enum_)<", _strip_clone(callee).split(">& ", 1)[-1]) and \
+                        _callee_method(callee) in MEMBER_DEFS + ("value", "export_values"):
+                    st.regs["rax"] = this  # def*() and value() return *this: chained calls
                 continue
             if mnem == "call":  # indirect
-                for r in CALLER_SAVED:
-                    regs.pop(r, None)
-                stored = []
+                st.after_call()
                 continue
-            if mnem == "mov" and len(ops) == 2:
-                src, dst = ops
-                rs, rd = _reg(src), _reg(dst)
-                if rs and rd and src.startswith("%r") and dst.startswith("%r"):
-                    regs[rd] = regs.get(rs)
-                    continue
-                if rs and rd is None and STACK_RE.match(dst):
-                    val = regs.get(rs) if src.startswith("%r") else None
-                    mem[dst] = val
-                    if isinstance(val, str):
-                        stored.append(val)
-                        if window is not None:
-                            window.append(val)
-                    continue
-                if rd and STACK_RE.match(src):
-                    regs[rd] = mem.get(src)
-                    continue
-                if rs and rd is None and isinstance(regs.get(rs), str):  # stored through another pointer
-                    stored.append(regs[rs])
-                    if window is not None:
-                        window.append(regs[rs])
-            if ops:
-                rd = _reg(ops[-1])
-                if rd:
-                    regs.pop(rd, None)
-                elif STACK_RE.match(ops[-1]):
-                    mem.pop(ops[-1], None)
-            if mnem in ("xchg", "cmpxchg", "xadd") and len(ops) == 2 and _reg(ops[0]):
-                regs.pop(_reg(ops[0]), None)
+            if mnem == "lea" and len(ops) == 2 and "(%rip)" in ops[0]:
+                m = COMMENT_RE.search(text)
+                dst = _reg(ops[1])
+                if m and dst:
+                    s = self.elf.rodata_string(int(m.group(1), 16))
+                    if s is not None:
+                        st.regs[dst] = s
+                        if depth == 0 and NAME_RE.match(s):
+                            self.api.referenced.add(s)
+                    else:
+                        sym = m.group(2) or ""
+                        st.regs[dst] = ("sym", sym)
+                        if st.in_record and "::init_instance" in sym:
+                            self.pending_type = _first_template_arg(sym, "pybind11::class_")
+                continue
+            st.step(mnem, ops)
         return found
 
-    def on_call(self, target, callee, args, stored, window, depth, visiting):
+    def follow(self, target: int, args: dict, depth: int, visiting: frozenset) -> int:
+        """Interpret a callee (a clone whose arguments were constant-folded into it) with the caller's arguments."""
+        if target in self.funcs and depth < 3 and target not in visiting:
+            return self.run(target, dict(args), depth + 1, visiting)
+        return 0
+
+    def member(self, cls, name) -> int:
+        if self.api.add(cls, name):
+            return 1
+        return 0
+
+    def on_call(self, target, callee, st: _State, depth, visiting) -> int:
         api = self.api
+        args = {r: st.regs.get(r) for r in ARG_REGS}
         base = _strip_clone(callee)
         if "type_record::type_record()" in base:
             self.pending_type = None
-            return "type_record"
-        if "generic_type::initialize(" in base:
-            names = [s for s in (window or []) if MEMBER_RE.match(s)]
-            self.register(self.pending_type, names[-1] if names else None, enum=False)
-            return "initialized"
+            st.in_record = True
+            return 0
+        if "generic_type::initialize(" in base:  # (this, const type_record &rec): rec.scope at 0, rec.name at 8
+            rec, name, scope = args["rsi"], None, None
+            if isinstance(rec, tuple) and rec[0] == "stk":
+                scope = st.load((rec[1], rec[2], rec[3]))
+                name = st.load((rec[1], rec[2], rec[3] + 8))
+            self.register(self.pending_type, name, False, args["rdi"], scope)
+            st.in_record = False
+            return 0
         method = _callee_method(base)
         for kind in ("enum_", "class_"):
-            if f"pybind11::{kind}<" in base and method == kind:  # an out-of-line constructor (scope, "Name", ...)
+            # out-of-line constructors: enum_(this, const handle &scope, name, ...), class_(this, handle scope, name, ...)
+            if f"pybind11::{kind}<" in base and method == kind:
                 before = self.registered
-                if target in self.funcs and depth < 3 and target not in visiting:
-                    # the name may be constant-folded into a clone: its type_record shows it
-                    self.run(target, {r: v for r, v in args.items() if r != "rdi"}, depth + 1, visiting)
+                self.follow(target, args, depth, visiting)  # the name may be constant-folded into a clone
                 if self.registered == before:
-                    self.register(_first_template_arg(base, f"pybind11::{kind}"), args["rdx"], enum=kind == "enum_")
+                    scope = args["rsi"]
+                    if kind == "enum_" and isinstance(scope, tuple) and scope[0] == "stk":
+                        scope = st.load(scope[1:])
+                    self.register(_first_template_arg(base, f"pybind11::{kind}"), args["rdx"], kind == "enum_",
+                                  args["rdi"], scope)
                 elif kind == "enum_" and self.current:
-                    self.api.enums.add(self.current)
-                return None
-        if base.startswith("pybind11::enum_<") or "& pybind11::enum_<" in base or " pybind11::enum_<" in base:
-            if method == "value":
-                cls = self.class_of(base, "pybind11::enum_")
-                if not api.add(cls, args["rsi"]):
-                    api.unresolved.append((cls, "value"))
+                    api.enums.add(self.current)
+                return 0
+        sink = None
+        if ("pybind11::class_<" in base and method in MEMBER_DEFS) or (
+                "pybind11::enum_<" in base and method == "value"):
+            sink = "pybind11::class_" if "pybind11::class_<" in base else "pybind11::enum_"
+        if sink:
+            cls = self.owner(args["rdi"], base, sink)
+            if self.member(cls, args["rsi"]):
                 return 1
-            if method == "export_values":
-                self.export(self.class_of(base, "pybind11::enum_"))
-                return None
-        if "pybind11::class_<" in base and method in MEMBER_DEFS:
-            cls = self.class_of(base, "pybind11::class_")
-            if api.add(cls, args["rsi"]):
+            n = self.follow(target, args, depth, visiting) if "[clone" in callee else 0
+            if not n:
+                api.unresolved.append((cls, method, callee))
+            return n
+        if ("detail::add_class_method(" in base or "generic_type::def_property_static_impl(" in base
+                or "detail::enum_base::value(" in base):
+            cls = self.owner(args["rdi"])
+            if self.member(cls, args["rsi"]):
                 return 1
-            if "[clone" in callee and target in self.funcs and depth < 3 and target not in visiting:
-                saved = self.current
-                self.current = cls
-                n = self.run(target, {r: v for r, v in args.items() if r != "rdi"}, depth + 1, visiting)
-                self.current = saved
-                if n:
-                    return n
             api.unresolved.append((cls, method, callee))
             return 0
-        if "detail::add_class_method(" in base or "generic_type::def_property_static_impl(" in base:
-            if api.add(self.current, args["rsi"]):
-                return 1
-            api.unresolved.append((self.current, method))
+        if method == "export_values" and ("enum_base::" in base or "pybind11::enum_<" in base):
+            self.export(self.owner(args["rdi"]))
             return 0
-        if "detail::enum_base::value(" in base:
-            if api.add(self.current, args["rsi"]):
-                return 1
-            api.unresolved.append((self.current, "value"))
-            return 0
-        if "detail::enum_base::export_values()" in base:
-            self.export(self.current)
-            return None
         if "pybind11::module_::def<" in base or "pybind11::module_::add_object(" in base \
                 or base.startswith("pybind11::module_::def("):
             if isinstance(args["rsi"], str) and MEMBER_RE.match(args["rsi"]):
                 api.module.add(args["rsi"])
                 return 1
-            if "[clone" in callee and target in self.funcs and depth < 3 and target not in visiting:
-                n = self.run(target, {r: v for r, v in args.items() if r != "rdi"}, depth + 1, visiting)
-                if n:
-                    return n
-            api.unresolved.append(("<module>", method, callee))
-            return 0
+            n = self.follow(target, args, depth, visiting) if "[clone" in callee else 0
+            if not n:
+                api.unresolved.append(("<module>", method, callee))
+            return n
         if "accessor<pybind11::detail::accessor_policies::str_attr>::operator=" in base:
-            keys = [s for s in stored if MEMBER_RE.match(s)]
+            keys = [s for s in st.stored if MEMBER_RE.match(s)]
             if keys:
                 api.module.add(keys[-1])  # m.attr("float32") = DataType::kFLOAT
-            else:
-                api.unresolved.append(("<module>", "attr"))
-            return None
+                return 1
+            api.unresolved.append(("<module>", "attr", callee))
+            return 0
         if depth == 0 and target in self.funcs and target not in visiting and BINDER_RE.match(base):
-            self.run(target, None, 0, visiting)  # the next registration function, in call order
-        return None
+            self.run(target, {"rdi": ("module",)}, 0, visiting)  # the next registration function, in call order
+        return 0
 
     def export(self, enum_key: str | None):
         if enum_key:

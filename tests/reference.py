@@ -12,9 +12,13 @@ from __future__ import annotations
 import torch
 
 
-def _merged_embeddings(model, input_ids, pixel_values):
+def _merged_embeddings(model, input_ids, pixel_values, prompt_len=None):
+    """Embeddings with image features at the image-token positions of the first ``prompt_len``
+    tokens (default all: teacher-forced answer tokens after it are never visual)."""
     ids = input_ids.clone()
     image = ids == model.config.image_token_id
+    if prompt_len is not None:
+        image[:, prompt_len:] = False
     ids[image] = 0
     embeds = model.get_input_embeddings()(ids)
     if image.any():
@@ -47,9 +51,10 @@ def forward_with_exit(model, embeds, positions, visual, exit_layer, return_hidde
 
 
 @torch.no_grad()
-def generate_with_exit(model, input_ids, pixel_values, exit_layer, max_new_tokens, eos_ids=()):
-    """Greedy tokens and their logits with all visual tokens removed before ``exit_layer``."""
-    embeds, visual = _merged_embeddings(model, input_ids, pixel_values)
+def generate_with_exit(model, input_ids, pixel_values, exit_layer, max_new_tokens, eos_ids=(), prompt_len=None):
+    """Greedy tokens and their logits with all visual tokens removed before ``exit_layer``
+    (``prompt_len``: see :func:`_merged_embeddings`)."""
+    embeds, visual = _merged_embeddings(model, input_ids, pixel_values, prompt_len)
     T = input_ids.shape[1]
     positions = torch.arange(T)[None]
     tokens, logits_out = [], []

@@ -77,3 +77,102 @@ def test_prompt_with_explicit_image_token(llama, pipelines):
     assert a.token_ids == b.token_ids and a.prompt_tokens == b.prompt_tokens
     with pytest.raises(Exception, match="image placeholders"):
         pipe.generate(make_image(0), "USER: <image> <image> two ASSISTANT:")
+
+
+class _Recorder:
+    """Wraps a runner and records every segment call (segment, mode, rows, new tokens)."""
+
+    def __init__(self, runner):
+        self._runner, self.calls = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+        self.calls.append((index, mode, hidden.shape[0], hidden.shape[1]))
+        return self._runner.segment(index, hidden, position_ids, attention_mask, cache, mode)
+
+
+def _recorded(pipe):
+    from dyvte.runtime.pipeline import Pipeline
+
+    rec = _Recorder(pipe.runner)
+    return Pipeline(pipe.manifest, rec, pipe.processor), rec
+
+
+def test_rows_that_cannot_exit(llama, pipelines):
+    """Prompts without an image, or ending with their image tokens (no text for the gate), never
+    exit and never reach the text-only group, under every policy; their answers equal `never`."""
+    import torch
+
+    base = pipelines(llama.engine_dir)
+    pipe, rec = _recorded(base)
+    V, image_id = llama.spec.num_visual_tokens, base.manifest.model["image_token_id"]
+    L = llama.spec.num_layers
+    limit = base.manifest.limits["max_input_len"]
+    no_image = torch.randint(5, 30, (limit - V + 10,), generator=torch.Generator().manual_seed(0))
+    no_image[0] = 2  # longer than the text-only profile of a TensorRT build (max_input_len - V)
+    ends_with_image = torch.cat([torch.tensor([2, 6, 7, 8]), torch.full((V,), image_id)])
+    from dyvte.runtime.inputs import encode
+
+    ids, px = encode(base.processor, make_image(0), "what color ?")
+    for policy in ("gate", "layer:1", f"layer:{llama.candidates[-1]}", "layer:0", "never"):
+        for prompt, pixels in ((no_image, None), (ends_with_image, px)):
+            rec.calls.clear()
+            res = pipe.generate_ids(prompt[None].numpy(), None if pixels is None else pixels.numpy(), max_new_tokens=3,
+                                    policy=policy, gate_threshold=0.0, return_logits=True)
+            ref = pipe.generate_ids(prompt[None].numpy(), None if pixels is None else pixels.numpy(), max_new_tokens=3,
+                                    policy="never", return_logits=True)
+            assert res.exit_layer == L and res.gate_probs == {}, policy
+            assert res.token_ids == ref.token_ids
+            np.testing.assert_allclose(res.logits, ref.logits, atol=1e-5)
+            assert all(mode != "text" for _, mode, _, _ in rec.calls), (policy, rec.calls)
+    # in a batch with a row that does exit, only that row goes to the text group
+    from dyvte.runtime.pipeline import Request
+
+    rec.calls.clear()
+    mixed = pipe.run([Request(ids, px, 2), Request(ends_with_image, px, 2), Request(no_image, None, 2)],
+                     policy="layer:1")
+    assert [r.exit_layer for r in mixed] == [1, L, L]
+    text_calls = [c for c in rec.calls if c[1] == "text"]
+    assert text_calls and all(rows == 1 for _, _, rows, _ in text_calls)
+
+
+def test_batch_of_requests_with_their_own_options(llama, pipelines):
+    """Pipeline.run: each request keeps its token limit and sampling; a batch equals each alone."""
+    from dyvte.runtime.pipeline import Request
+    from dyvte.runtime.sampling import SamplingParams
+
+    pipe = pipelines(llama.engine_dir)
+    reqs = [pipe.encode(make_image(i), p, n, t, 0.9, seed) for i, (p, n, t, seed) in enumerate([
+        ("what color ?", 3, 0.0, None), ("how many red squares are there ?", 7, 1.2, 5),
+        ("is there a blue triangle ?", 1, 0.0, None), ("what shape ?", 5, 0.7, 9)])]
+    batch = pipe.run(reqs, policy="gate", return_logits=True)
+    for r, req in zip(batch, reqs):
+        alone = pipe.run([req], policy="gate", return_logits=True)[0]
+        assert (r.exit_layer, r.token_ids, r.finish_reason) == (alone.exit_layer, alone.token_ids, alone.finish_reason)
+        np.testing.assert_allclose(r.logits, alone.logits, atol=1e-4, rtol=0)
+        assert len(r.token_ids) <= req.max_new_tokens
+    assert [len(r.token_ids) for r in batch][2] == 1
+    with pytest.raises(Exception, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(Exception, match="max_new_tokens"):
+        pipe.run([Request(reqs[0].input_ids, reqs[0].pixel_values, 0)])
+
+
+def test_on_step_streams_tokens_and_stops_rows(llama, pipelines):
+    pipe = pipelines(llama.engine_dir)
+    reqs = [pipe.encode(make_image(i), "what color ?", 6) for i in range(3)]
+    full = pipe.run(reqs, policy="never")
+    seen = {i: [] for i in range(3)}
+
+    def on_step(step, tokens, active):
+        for i, (t, a) in enumerate(zip(tokens, active)):
+            if a:
+                seen[i].append(t)
+        return [1] if step == 1 else None  # stop row 1 after its second token
+
+    res = pipe.run(reqs, policy="never", on_step=on_step)
+    assert res[1].token_ids == full[1].token_ids[:2] and res[1].finish_reason == "stop"
+    assert res[0].token_ids == full[0].token_ids and res[2].token_ids == full[2].token_ids
+    assert {i: seen[i] for i in (0, 2)} == {0: full[0].token_ids, 2: full[2].token_ids} and seen[1] == res[1].token_ids

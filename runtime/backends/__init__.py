@@ -1,6 +1,8 @@
 """Backends behind the one :class:`~dyvte.runtime.backends.base.Runner` interface.
 
-Backends register here by name; ``auto`` picks the fastest one available.
+Backends register here by name; ``auto`` picks the fastest one available: TensorRT when the
+folder has finished plans and TensorRT and a GPU are present, else torch on CUDA (or on the CPU
+for bfloat16 folders), else ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ def create_runner(name: str, manifest, **options):
     if name == "auto":
         if features.has_tensorrt() and features.has_cuda() and "tensorrt" in features.built_engines(manifest):
             name = "tensorrt"
-        elif features.has_cuda():
+        elif features.has_cuda() or manifest.dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16
             name = "torch"
         else:
             name = "onnxruntime"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 from dyvte.engines.manifest import Manifest
@@ -12,6 +13,7 @@ from .base import KVCache, Runner
 
 
 _GLOBAL_POOL = None  # intra-op threads of the process-wide pool, once created
+_POOL_LOCK = threading.Lock()
 
 
 def _use_global_thread_pool(threads: int | None) -> bool:
@@ -24,15 +26,16 @@ def _use_global_thread_pool(threads: int | None) -> bool:
     global _GLOBAL_POOL
     import onnxruntime as ort
 
-    if _GLOBAL_POOL is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        size = int(threads or cores or 1)
-        try:
-            ort.set_global_thread_pool_sizes(size, 1)
-            _GLOBAL_POOL = size
-        except Exception:  # environment already created by someone else: per-session pools
-            _GLOBAL_POOL = 0
-    return bool(_GLOBAL_POOL) and threads in (None, _GLOBAL_POOL)
+    with _POOL_LOCK:  # pipelines may be loaded from several threads
+        if _GLOBAL_POOL is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            size = int(threads or cores or 1)
+            try:
+                ort.set_global_thread_pool_sizes(size, 1)
+                _GLOBAL_POOL = size
+            except Exception:  # environment already created by someone else: per-session pools
+                _GLOBAL_POOL = 0
+        return bool(_GLOBAL_POOL) and threads in (None, _GLOBAL_POOL)
 
 
 def create_session(path, providers=None, threads: int | None = None):
@@ -71,6 +74,12 @@ class OnnxRuntimeRunner(Runner):
         import torch
 
         super().__init__(manifest)
+        on_cpu = not providers or all(p == "CPUExecutionProvider" for p in providers)
+        if manifest.dtype == "bfloat16" and on_cpu:
+            raise BackendUnavailableError(
+                f"{manifest.root} holds bfloat16 graphs, which ONNX Runtime's CPU provider cannot run (no bf16 "
+                "kernels); use backend='torch' (CPU or CUDA) or 'tensorrt', or re-export with --dtype float16/float32"
+            )
         self.device = torch.device("cpu")
         self.dtype = getattr(torch, manifest.dtype)
         self.sessions = {

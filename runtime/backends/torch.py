@@ -64,25 +64,43 @@ def materialize(build, source, device, dtype):
     return module.eval()
 
 
-def onnx_source(manifest: Manifest, part):
-    """``source`` for :func:`materialize`: a part's ONNX initializers (deduplicated names
-    resolved; parameters the exporter dropped as unused read as zeros)."""
+def onnx_source(onnx_path, aliases: dict, unused=()):
+    """``source`` for :func:`materialize`: an ONNX file's initializers (``aliases``: module names
+    the exporter deduplicated -> initializer; ``unused`` parameters it dropped read as zeros)."""
     import torch
 
     from dyvte.engines.files import OnnxWeights
 
-    weights = OnnxWeights(manifest.path(part.onnx))
-    unused = set(part.info.get("unused", []))
+    weights = OnnxWeights(onnx_path)
+    unused = set(unused)
 
     def get(name, like):
-        key = name if name in weights else part.aliases.get(name)
+        key = name if name in weights else aliases.get(name)
         if key is None or key not in weights:
             if name in unused:
                 return torch.zeros(like.shape, dtype=like.dtype)
-            raise EngineFolderError(f"{part.onnx} has no weights for {name}; re-export the folder")
+            raise EngineFolderError(f"{onnx_path} has no weights for {name}; re-export the folder")
         return weights[key]
 
     return get
+
+
+def part_builder(kind: str, info: dict, spec, hf_config, dtype):
+    """A function building the (empty) module behind an exported part, for :func:`materialize`."""
+    from dyvte.exporter.hf import build_vision_encoder
+    from dyvte.exporter.modules import DecoderSegment, Embed, GateBank, Head
+
+    if kind == "segment":
+        return lambda: DecoderSegment(spec, *info["layers"])
+    if kind == "embed":
+        return lambda: Embed(spec)
+    if kind == "head":
+        return lambda: Head(spec)
+    if kind == "gate":
+        return lambda: GateBank(len(info["layers"]), int(info["hidden"]), spec.hidden_size)
+    if kind == "vision":
+        return lambda: build_vision_encoder(hf_config, dtype, device="meta")
+    raise EngineFolderError(f"unknown part kind '{kind}'; re-export the folder")
 
 
 def random_source(spec, device, seed: int = 0):
@@ -173,8 +191,7 @@ class TorchRunner(Runner):
         least recently used first, once the pool holds more than ``cache_pool_bytes``."""
         import torch
 
-        from dyvte.exporter.hf import build_vision_encoder
-        from dyvte.exporter.modules import DecoderSegment, Embed, GateBank, Head, TextSpec
+        from dyvte.exporter.modules import TextSpec
 
         super().__init__(manifest)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -204,30 +221,26 @@ class TorchRunner(Runner):
         spec = TextSpec.from_dict(manifest.text)
         self.spec = spec
 
-        def load(build, part, dtype=self.dtype):
-            source = random_source(spec, self.device) if random_weights else onnx_source(manifest, part)
-            return materialize(build, source, self.device, dtype)
+        from transformers import LlavaConfig
+
+        from dyvte.models import quiet_transformers
+
+        quiet_transformers()
+        if hf_config is None:
+            hf_config = LlavaConfig.from_dict(json.loads(manifest.path(manifest.data["hf_config"]).read_text()))
+
+        def load(part, dtype=self.dtype):
+            source = (random_source(spec, self.device) if random_weights else
+                      onnx_source(manifest.path(part.onnx), part.aliases, part.info.get("unused", ())))
+            return materialize(part_builder(part.kind, part.info, spec, hf_config, dtype), source, self.device, dtype)
 
         with self._on_device():
-            self.segments = [load(lambda p=p: DecoderSegment(spec, *p.layers), p) for p in manifest.segments]
-            self.embed_mod = load(lambda: Embed(spec), manifest.parts["embed"])
-            self.head_mod = load(lambda: Head(spec), manifest.parts["head"])
-            from transformers import LlavaConfig
-
-            from dyvte.models import quiet_transformers
-
-            quiet_transformers()
-            if hf_config is None:
-                hf_config = LlavaConfig.from_dict(json.loads(manifest.path(manifest.data["hf_config"]).read_text()))
-            self.vision_mod = load(lambda: build_vision_encoder(hf_config, self.dtype, device="meta"),
-                                   manifest.parts["vision"])
-            self.gate_mod = None
-            if manifest.gate is not None:
-                g = manifest.gate
-                hidden = int(g.info["hidden"])
-                # float32 like the gate graph, so that exit decisions agree across backends
-                self.gate_mod = load(lambda: GateBank(len(g.info["layers"]), hidden, spec.hidden_size), g,
-                                     torch.float32)
+            self.segments = [load(p) for p in manifest.segments]
+            self.embed_mod = load(manifest.parts["embed"])
+            self.head_mod = load(manifest.parts["head"])
+            self.vision_mod = load(manifest.parts["vision"])
+            # the gate runs in float32 like the gate graph, so exit decisions agree across backends
+            self.gate_mod = load(manifest.gate, torch.float32) if manifest.gate is not None else None
 
     def _on_device(self):
         """Context that makes ``self.device`` current (CUDA streams, kernels of cuda:N)."""
