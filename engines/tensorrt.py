@@ -3,9 +3,12 @@
 Precision comes from the ONNX graphs (export with ``--dtype float16`` or ``bfloat16``; RMSNorm
 and softmax stay float32 inside them), so no builder precision flags are used. Each decoder
 segment becomes one engine holding its weights once, with three optimization profiles
-(full / text prefill, decode: engines/profiles.py). All builds share one timing cache. Every
-finished plan is recorded in ``trt/build-state.json`` with a key (ONNX checksums, profiles,
-TensorRT version), so an interrupted build resumes where it stopped.
+(full / text prefill, decode: engines/profiles.py). All builds share one timing cache; a corrupt
+or foreign one is replaced by a fresh one. Plans are named by a key (ONNX checksums, profiles,
+TensorRT version, GPU), and every finished plan is recorded at once in ``trt/build-state.json``
+and in the manifest (file checksums included, the build marked incomplete until the last plan),
+so an interrupted build leaves a loadable folder and the next ``dyvte build`` resumes where it
+stopped; plans of an earlier build are deleted only once nothing refers to them.
 """
 
 from __future__ import annotations
@@ -70,11 +73,44 @@ def _key(manifest: Manifest, part, profiles: dict, version: str, device: str) ->
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _timing_cache(config, path: Path, log):
+    """The shared timing cache, or a fresh one when the file is corrupt or from another GPU/TensorRT."""
+    cache = None
+    if path.is_file():
+        try:
+            cache = config.create_timing_cache(path.read_bytes())
+        except Exception:  # a corrupt file raises in some versions, returns None in others
+            cache = None
+        if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+            cache = None
+        if cache is None:
+            log(f"note: {path} is unreadable or from another GPU/TensorRT; starting a new timing cache")
+    if cache is None:
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _record_engines(manifest: Manifest, results: dict, trt_version: str, device: str, limits: Limits,
+                    complete: bool) -> None:
+    """Write the plans built so far into the manifest (entries and checksums), atomically."""
+    from dyvte.settings import MANIFEST_NAME
+
+    data = manifest.data
+    old = data.get("engines", {}).get("tensorrt", {})
+    for rec in old.get("parts", {}).values():  # plans of an earlier build leave the manifest first
+        data["files"].pop(rec["plan"], None)
+    data.setdefault("engines", {})["tensorrt"] = {
+        "version": trt_version, "device": device, "limits": dict(limits.__dict__), "complete": complete,
+        "parts": {n: {k: r[k] for k in ("plan", "profiles", "device_memory")} for n, r in results.items()}}
+    for r in results.values():
+        data["files"][r["plan"]] = {"size": r["size"], "sha256": r["sha256"]}
+    write_json(manifest.root / MANIFEST_NAME, data)
+
+
 def build_engines(settings: BuildSettings) -> dict:
     """Build (or resume building) a TensorRT plan for every part; updates the manifest."""
     from tqdm.auto import tqdm
-
-    from dyvte.settings import MANIFEST_NAME
 
     from .lint import lint_folder
 
@@ -94,7 +130,10 @@ def build_engines(settings: BuildSettings) -> dict:
     plan_dir = root / PLAN_DIR
     plan_dir.mkdir(exist_ok=True)
     state_path = plan_dir / "build-state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    try:
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    except (OSError, ValueError):
+        state = {}
     state.setdefault("parts", {})
     cache_path = plan_dir / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
@@ -105,7 +144,7 @@ def build_engines(settings: BuildSettings) -> dict:
     for name, part in manifest.parts.items():
         profiles = part_profiles(manifest, part, limits)
         key = _key(manifest, part, profiles, trt.__version__, device)
-        plan = plan_dir / f"{name}.plan"
+        plan = plan_dir / f"{name}-{key}.plan"
         rec = state["parts"].get(name)
         if rec and rec["key"] == key and plan.is_file() and sha256_file(plan) == rec["sha256"]:
             results[name] = rec
@@ -121,10 +160,7 @@ def build_engines(settings: BuildSettings) -> dict:
         config = builder.create_builder_config()
         if settings.workspace_gib:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another GPU/TensorRT: start afresh
-            log(f"note: {cache_path} does not match this GPU/TensorRT; starting a new timing cache")
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        _timing_cache(config, cache_path, log)
         for axes in profiles.values():
             prof = builder.create_optimization_profile()
             for inp, (lo, opt, hi) in input_shapes(part, axes).items():
@@ -140,30 +176,25 @@ def build_engines(settings: BuildSettings) -> dict:
         if timing is not None:
             write_atomic(cache_path, memoryview(timing.serialize()))
         engine = runtime.deserialize_cuda_engine(blob)
-        per_profile = {}
-        for i, prof_name in enumerate(profiles):
-            if hasattr(engine, "get_device_memory_size_for_profile_v2"):
-                per_profile[prof_name] = int(engine.get_device_memory_size_for_profile_v2(i))
-            else:
-                per_profile[prof_name] = int(engine.get_device_memory_size_for_profile(i))
+        per_profile = {prof_name: int(engine.get_device_memory_size_for_profile_v2(i))
+                       for i, prof_name in enumerate(profiles)}
         del engine, blob, timing, config, parser, network, builder  # free GPU/host memory before the next part
-        rec = {"key": key, "plan": f"{PLAN_DIR}/{name}.plan", "sha256": sha256_file(plan), "size": plan.stat().st_size,
+        rec = {"key": key, "plan": f"{PLAN_DIR}/{plan.name}", "sha256": sha256_file(plan), "size": plan.stat().st_size,
                "profiles": list(profiles), "build_seconds": round(seconds, 2), "device_memory": per_profile}
         state["parts"][name] = rec
         write_json(state_path, state)
         results[name] = rec
+        _record_engines(manifest, results, trt.__version__, device, limits, complete=False)  # loadable after each plan
         bar.update(1)
     bar.close()
-    data = manifest.data
-    data["engines"] = {"tensorrt": {"version": trt.__version__, "device": device, "limits": limits.__dict__,
-                                    "parts": {n: {k: r[k] for k in ("plan", "profiles", "device_memory")}
-                                              for n, r in results.items()}}}
-    for r in results.values():
-        data["files"][r["plan"]] = {"size": r["size"], "sha256": r["sha256"]}
+    _record_engines(manifest, results, trt.__version__, device, limits, complete=True)
+    keep = {Path(r["plan"]).name for r in results.values()}
+    for stale in plan_dir.glob("*.plan"):  # earlier builds' plans, now referenced by nothing
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
     report = {"tensorrt": trt.__version__, "device": device, "limits": limits.__dict__,
               "engines": {n: {k: r[k] for k in ("size", "build_seconds", "device_memory")} for n, r in results.items()},
               "total_build_seconds": round(sum(r["build_seconds"] for r in results.values()), 2)}
     write_json(root / "build_report.json", report)
-    write_json(root / MANIFEST_NAME, data)
     log(f"built {len(results)} TensorRT engines in {plan_dir}")
     return report

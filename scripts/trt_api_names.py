@@ -136,14 +136,6 @@ class Elf:
                 return None
         return None
 
-    def rodata_identifiers(self) -> set[str]:
-        _, _, _, _, off, size = self.sections[".rodata"]
-        out = set()
-        for piece in self.data[off:off + size].split(b"\0"):
-            if 2 <= len(piece) <= 81 and NAME_RE.match(piece.decode("latin1")):
-                out.add(piece.decode("latin1"))
-        return out
-
 
 # -- disassembly ---------------------------------------------------------------------------------------------
 HEADER_RE = re.compile(r"^([0-9a-f]+) <(.*)>:$")
@@ -213,24 +205,24 @@ def _strip_clone(name: str) -> str:
     return re.sub(r"(\s*\[clone [^\]]*\])+$", "", name)
 
 
-def _first_template_arg(name: str, prefix: str) -> str | None:
-    """'pybind11::class_<A, B<C> >& pybind11::class_<A, ...>::def...' -> 'A' for the class_ being called."""
-    # the callee is the qualified name right before the argument list: find '<prefix><' that is followed by '>::'
+def _template_args(name: str, prefix: str) -> list[str]:
+    """All top-level template arguments of the first '<prefix><...>::' in name."""
     for m in re.finditer(re.escape(prefix) + "<", name):
-        i, depth, start = m.end(), 1, m.end()
-        first_end = None
+        i, depth, start, args = m.end(), 1, m.end(), []
         while i < len(name) and depth:
             ch = name[i]
             if ch in "<(":
                 depth += 1
             elif ch in ">)":
                 depth -= 1
-            elif ch == "," and depth == 1 and first_end is None:
-                first_end = i
+            elif ch == "," and depth == 1:
+                args.append(name[start:i].strip())
+                start = i + 1
             i += 1
         if name[i:i + 2] == "::":
-            return name[start:first_end if first_end is not None else i - 1].strip()
-    return None
+            args.append(name[start:i - 1].strip())
+            return args
+    return []
 
 
 def _callee_method(name: str) -> str:
@@ -269,10 +261,19 @@ class Api:
     module: set = field(default_factory=set)
     referenced: set = field(default_factory=set)
     cpp2py: dict[str, str] = field(default_factory=dict)
+    bases: dict[str, list] = field(default_factory=dict)
+    values: dict[str, set] = field(default_factory=dict)  # enum -> its values
     unresolved: list = field(default_factory=list)
     exports: list = field(default_factory=list)  # (enum key, scope key or None for the module)
 
     trace: list | None = None
+
+    def add_value(self, cls: str | None, name) -> bool:
+        """An enum value (what `__members__` lists)."""
+        if self.add(cls, name):
+            self.values.setdefault(cls, set()).add(name)
+            return True
+        return False
 
     def add(self, cls: str | None, name) -> bool:
         if cls is None or not isinstance(name, str) or not MEMBER_RE.match(name):
@@ -443,6 +444,7 @@ class Extractor:
         self.pending_type: str | None = None  # C++ type of the type_record being filled
         self.registered = 0
         self.how: dict[str, int] = {}  # how the owner of each member was found (diagnostics)
+        self.lookups: list | None = None  # attribute names looked up inside a followed def clone
 
     # -- classes ----------------------------------------------------------------------------------------
     def scope_key(self, handle) -> str | None:
@@ -457,10 +459,15 @@ class Extractor:
                     return self.objects[handle[1:]]
         return None
 
-    def register(self, cpp: str | None, name, enum: bool, this, scope) -> None:
+    def register(self, type_args: list | None, name, enum: bool, this, scope) -> None:
+        """A new class or enum. type_args: the C++ class_<...> template arguments (type, then options: bases,
+        holder, trampoline), when known."""
+        cpp = type_args[0] if type_args else None
         if not isinstance(name, str) or not MEMBER_RE.match(name):
             self.api.unresolved.append(("class", cpp))
             self.current = None  # what follows is unresolved rather than put into the wrong class
+            if isinstance(this, tuple) and this[0] == "stk":
+                self.objects.pop(this[1:], None)
             return
         self.registered += 1
         outer = self.scope_key(scope)
@@ -471,6 +478,9 @@ class Extractor:
             self.api.trace.append(f"{'enum' if enum else 'class'} {key} <- {cpp} (this={this}, scope={scope})")
         if cpp:
             self.api.cpp2py[cpp] = key
+        bases = [self.api.cpp2py[a] for a in (type_args or [])[1:] if a in self.api.cpp2py]
+        if bases:
+            self.api.bases[key] = bases
         self.api.classes.setdefault(key, set())
         if enum:
             self.api.enums.add(key)
@@ -493,7 +503,7 @@ class Extractor:
                     by_this = self.objects[slot]
                     break
         if callee and prefix:
-            cpp = _first_template_arg(callee, prefix)
+            cpp = (_template_args(callee, prefix) or [None])[0]
             by_template = self.api.cpp2py.get(cpp) if cpp else None
         if by_this and by_template and by_this != by_template:
             self.how["disagree"] = self.how.get("disagree", 0) + 1  # identical code folded under one name
@@ -524,9 +534,8 @@ class Extractor:
                     continue  # exception paths split off by the compiler
                 this = st.regs.get("rdi")
                 found += self.on_call(target, callee, st, depth, visiting | {addr}) or 0
-                if isinstance(this, tuple) and this[0] == "stk" and (
-                        "dec_ref" in callee or "::~" in callee or "type_record::type_record()" in callee):
-                    self.objects.pop(this[1:], None)  # the object in that slot was released, or the slot reused
+                if isinstance(this, tuple) and this[0] == "stk" and "type_record::type_record()" in callee:
+                    self.objects.pop(this[1:], None)  # the slot is reused for a new type record
                 st.after_call()
                 if re.match(r"^pybind11::(class_|enum_)<", _strip_clone(callee).split(">& ", 1)[-1]) and \
                         _callee_method(callee) in MEMBER_DEFS + ("value", "export_values"):
@@ -548,7 +557,7 @@ class Extractor:
                         sym = m.group(2) or ""
                         st.regs[dst] = ("sym", sym)
                         if st.in_record and "::init_instance" in sym:
-                            self.pending_type = _first_template_arg(sym, "pybind11::class_")
+                            self.pending_type = _template_args(sym, "pybind11::class_") or None
                 continue
             st.step(mnem, ops)
         return found
@@ -559,17 +568,12 @@ class Extractor:
             return self.run(target, dict(args), depth + 1, visiting)
         return 0
 
-    def member(self, cls, name) -> int:
-        if self.api.add(cls, name):
-            return 1
-        return 0
-
     def on_call(self, target, callee, st: _State, depth, visiting) -> int:
         api = self.api
         args = {r: st.regs.get(r) for r in ARG_REGS}
         base = _strip_clone(callee)
         if "type_record::type_record()" in base:
-            self.pending_type = None
+            self.pending_type = None  # [C++ type, its class_ options...] once the init_instance pointer is seen
             st.in_record = True
             return 0
         if "generic_type::initialize(" in base:  # (this, const type_record &rec): rec.scope at 0, rec.name at 8
@@ -578,6 +582,7 @@ class Extractor:
                 scope = st.load((rec[1], rec[2], rec[3]))
                 name = st.load((rec[1], rec[2], rec[3] + 8))
             self.register(self.pending_type, name, False, args["rdi"], scope)
+            self.pending_type = None
             st.in_record = False
             return 0
         method = _callee_method(base)
@@ -590,7 +595,7 @@ class Extractor:
                     scope = args["rsi"]
                     if kind == "enum_" and isinstance(scope, tuple) and scope[0] == "stk":
                         scope = st.load(scope[1:])
-                    self.register(_first_template_arg(base, f"pybind11::{kind}"), args["rdx"], kind == "enum_",
+                    self.register(_template_args(base, f"pybind11::{kind}") or None, args["rdx"], kind == "enum_",
                                   args["rdi"], scope)
                 elif kind == "enum_" and self.current:
                     api.enums.add(self.current)
@@ -601,16 +606,27 @@ class Extractor:
             sink = "pybind11::class_" if "pybind11::class_<" in base else "pybind11::enum_"
         if sink:
             cls = self.owner(args["rdi"], base, sink)
-            if self.member(cls, args["rsi"]):
+            if (api.add_value if method == "value" else api.add)(cls, args["rsi"]):
                 return 1
-            n = self.follow(target, args, depth, visiting) if "[clone" in callee else 0
+            n = 0
+            if "[clone" in callee:
+                saved, self.lookups = self.lookups, []
+                n = self.follow(target, args, depth, visiting)
+                lookups, self.lookups = self.lookups, saved
+                if not n and len(set(lookups)) == 1 and api.add(cls, lookups[0]):
+                    n = 1  # def_static: its only sink is the sibling lookup getattr(cls, "name", None)
             if not n:
                 api.unresolved.append((cls, method, callee))
             return n
+        if self.lookups is not None and ("PyObject_GetAttrString" in base or base.startswith("pybind11::getattr(")):
+            name = args["rsi"] if "PyObject_GetAttrString" in base else args["rdx"]
+            if isinstance(name, str) and MEMBER_RE.match(name):
+                self.lookups.append(name)
+            return 0
         if ("detail::add_class_method(" in base or "generic_type::def_property_static_impl(" in base
                 or "detail::enum_base::value(" in base):
             cls = self.owner(args["rdi"])
-            if self.member(cls, args["rsi"]):
+            if (api.add_value if method == "value" else api.add)(cls, args["rsi"]):
                 return 1
             api.unresolved.append((cls, method, callee))
             return 0
@@ -645,7 +661,7 @@ class Extractor:
 
 def _apply_exports(api: Api):
     for enum_key, scope in api.exports:
-        members = api.classes.get(enum_key, set())
+        members = api.values.get(enum_key, set())
         if scope is None:
             api.module |= members
         else:
@@ -663,10 +679,13 @@ def _dotted(node) -> str | None:
 
 
 def apply_init_py(api: Api, source: str):
-    """Names the package's __init__.py adds: module-level defs/assignments, `Cls.attr = ...`,
-    `setattr(Cls, ...)` in a loop over an enum's `__members__`."""
-    tree = ast.parse(source)
-    for node in tree.body:  # module level only (the Windows loader code is inside `if` blocks)
+    """Names the package's __init__.py adds (read with ast, never run): module-level defs and assignments,
+    `Cls.attr = ...`, and `setattr(Cls, attr, value)` in a loop over an enum's `__members__`."""
+    _apply_statements(api, ast.parse(source).body)
+
+
+def _apply_statements(api: Api, body: list):
+    for node in body:  # module level only: the Windows loader code sits in `if` blocks that are not constant
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             api.module.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -674,14 +693,17 @@ def apply_init_py(api: Api, source: str):
             for t in targets:
                 if isinstance(t, ast.Name):
                     api.module.add(t.id)
-                elif isinstance(t, ast.Attribute):
+                elif isinstance(t, ast.Attribute) and _dotted(t.value) in api.classes:
                     owner = _dotted(t.value)
-                    if owner in api.classes:
-                        api.classes[owner].add(t.attr)
-                        if isinstance(node.value, ast.Attribute) and _dotted(node.value) in api.classes:
-                            api.classes.setdefault(f"{owner}.{t.attr}", set()).update(api.classes[_dotted(node.value)])
-        elif isinstance(node, ast.If) and _const_true(node.test):  # `if "tensorrt" == "tensorrt" ...:`
-            apply_init_py(api, ast.unparse(ast.Module(body=node.body, type_ignores=[])))
+                    api.classes[owner].add(t.attr)
+                    alias = _dotted(node.value) if isinstance(node.value, ast.Attribute) else None
+                    if alias in api.classes:  # Logger.Severity = ILogger.Severity
+                        api.classes.setdefault(f"{owner}.{t.attr}", set()).update(api.classes[alias])
+                        if alias in api.enums:
+                            api.enums.add(f"{owner}.{t.attr}")
+                            api.values[f"{owner}.{t.attr}"] = set(api.values.get(alias, ()))
+        elif isinstance(node, ast.If) and _constant(node.test) is True:  # `if "tensorrt" == "tensorrt" ...:`
+            _apply_statements(api, node.body)
         elif isinstance(node, ast.For):
             # for attr, value in ILogger.Severity.__members__.items(): setattr(Logger, attr, value)
             it = node.iter
@@ -691,15 +713,28 @@ def apply_init_py(api: Api, source: str):
                 for stmt in node.body:
                     call = stmt.value if isinstance(stmt, ast.Expr) else None
                     if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "setattr"
-                            and call.args and _dotted(call.args[0]) in api.classes and enum in api.classes):
-                        api.classes[_dotted(call.args[0])].update(api.classes[enum])
+                            and call.args and _dotted(call.args[0]) in api.classes and enum in api.values):
+                        api.classes[_dotted(call.args[0])].update(api.values[enum])
 
 
-def _const_true(test) -> bool:
-    try:
-        return bool(eval(compile(ast.Expression(test), "<init>", "eval"), {"__builtins__": {}}))  # noqa: S307
-    except Exception:
-        return False
+def _constant(node):
+    """The value of a constant test such as `"tensorrt" == "tensorrt" or ...`; None when it is not constant."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        v = _constant(node.operand)
+        return None if v is None else not v
+    if isinstance(node, ast.BoolOp):
+        vals = [_constant(v) for v in node.values]
+        if any(v is None for v in vals):
+            return None
+        return all(vals) if isinstance(node.op, ast.And) else any(vals)
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Eq, ast.NotEq)):
+        a, b = _constant(node.left), _constant(node.comparators[0])
+        if a is None or b is None:
+            return None
+        return (a == b) if isinstance(node.ops[0], ast.Eq) else (a != b)
+    return None
 
 
 # -- per version ---------------------------------------------------------------------------------------------
@@ -719,11 +754,12 @@ def _sanity(api: Api, version: str):
                          "the module's code shape changed, so this script needs an update")
 
 
-def extract(wheel: Path, objdump: str) -> dict:
+def extract(wheel: Path, objdump: str, trace: list | None = None) -> dict:
     so_bytes, init_py, so_name = read_wheel(wheel)
     elf = Elf(so_bytes)
     funcs = disassemble(so_bytes, objdump)
     ex = Extractor(elf, funcs)
+    ex.api.trace = trace
     entries = [a for a, (n, _) in funcs.items() if ENTRY_RE.match(n)]
     if not entries:
         raise SystemExit(f"{wheel.name}: no PyInit_/pybind11_exec_ function in {so_name}")
@@ -735,11 +771,19 @@ def extract(wheel: Path, objdump: str) -> dict:
     _apply_exports(api)
     if init_py:
         apply_init_py(api, init_py)
-    return {"so": so_name, "api": api, "rodata": elf.rodata_identifiers()}
+    return {"so": so_name, "api": api}
 
 
-def version_record(version: str, wheel: Path, objdump: str) -> dict:
-    got = extract(wheel, objdump)
+def _describe(u: tuple) -> str:
+    """One unresolved registration, shortly: 'class <C++ type>' or '<owner>: <call>'."""
+    if u[0] == "class":
+        return f"class {u[1]} (name not found)"
+    callee = _strip_clone(u[2]) if len(u) > 2 else ""
+    return f"{u[0] or '?'}: {u[1]} {callee[:120]}".strip()
+
+
+def version_record(version: str, wheel: Path, objdump: str, trace: list | None = None) -> dict:
+    got = extract(wheel, objdump, trace)
     api: Api = got["api"]
     _sanity(api, version)
     names = set(api.referenced) | set(api.module)
@@ -754,9 +798,10 @@ def version_record(version: str, wheel: Path, objdump: str) -> dict:
         "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
         "module_file": got["so"],
         "method": "pybind11 registration calls read from objdump -d of the module's init code; see scripts/trt_api_names.py",
-        "unresolved": len(api.unresolved),
+        "unresolved": sorted({_describe(u) for u in api.unresolved}),
         "module": sorted(api.module),
-        "enums": sorted(api.enums),
+        "enums": {e: sorted(api.values.get(e, ())) for e in sorted(api.enums)},
+        "bases": {c: b for c, b in sorted(api.bases.items())},
         "classes": {c: sorted(m) for c, m in sorted(api.classes.items())},
         "names": names,
     }
@@ -770,6 +815,7 @@ def main(argv=None) -> int:
                     help="where wheels are looked for first and downloaded to (default /tmp/trt-wheels)")
     ap.add_argument("--offline", action="store_true", help="only use wheels already in --wheel-dir")
     ap.add_argument("--objdump", default=shutil.which("objdump") or "objdump")
+    ap.add_argument("--trace", type=Path, help="write <version>.trace.txt (every class and member as found) here")
     args = ap.parse_args(argv)
     if not shutil.which(args.objdump) and not Path(args.objdump).is_file():
         raise SystemExit("objdump (GNU binutils) is needed: apt-get install binutils, or pass --objdump")
@@ -779,13 +825,18 @@ def main(argv=None) -> int:
         if wheel is None:
             if args.offline:
                 raise SystemExit(f"no wheel for TensorRT {version} in {args.wheel_dir} (--offline)")
+            print(f"{version}: downloading the bindings wheel to {args.wheel_dir}", flush=True)
             wheel = download_wheel(version, args.wheel_dir)
-        rec = version_record(version, wheel, args.objdump)
+        trace = [] if args.trace else None
+        rec = version_record(version, wheel, args.objdump, trace)
+        if args.trace:
+            args.trace.mkdir(parents=True, exist_ok=True)
+            (args.trace / f"{version}.trace.txt").write_text("\n".join(trace) + "\n")
         path = args.out / f"{version}.json"
         path.write_text(json.dumps(rec, indent=0, sort_keys=False) + "\n")
         n_members = sum(len(v) for v in rec["classes"].values())
         print(f"{version}: {wheel.name}: {len(rec['classes'])} classes/enums, {n_members} members, "
-              f"{len(rec['names'])} names, {rec['unresolved']} unresolved -> {path}")
+              f"{len(rec['names'])} names, {len(rec['unresolved'])} unresolved -> {path}")
     return 0
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from dyvte.engines.manifest import Manifest
 from dyvte.errors import BackendUnavailableError, EngineFolderError, InputError
 
-from .base import MODES, KVCache, Runner
+from .base import KVCache, Runner
 
 @dataclass
 class TrtCache(KVCache):
@@ -41,9 +41,28 @@ class TensorRTRunner(Runner):
         info = manifest.data.get("engines", {}).get("tensorrt")
         if not info:
             raise EngineFolderError(f"{manifest.root} has no TensorRT engines; build them with `dyvte build {manifest.root}`")
+        if not info.get("complete", True):
+            raise EngineFolderError(f"the TensorRT build of {manifest.root} was interrupted ({len(info['parts'])} of "
+                                    f"{len(manifest.parts)} plans); run `dyvte build {manifest.root}` again to finish it")
         self.trt = trt
         self.device = torch.device(device or "cuda")
+        if self.device.type != "cuda":
+            raise BackendUnavailableError(f"the TensorRT backend runs on a CUDA device, not {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.index >= torch.cuda.device_count():
+            raise BackendUnavailableError(f"device {self.device} does not exist: {torch.cuda.device_count()} CUDA GPU(s)")
         self.dtype = getattr(torch, manifest.dtype)
+        with torch.cuda.device(self.device):  # engines, contexts and buffers live on this GPU
+            self._load(trt, manifest, info)
+
+    @property
+    def limits(self) -> dict:
+        return dict(self.manifest.data["engines"]["tensorrt"]["limits"])  # what the plans' profiles were built for
+
+    def _load(self, trt, manifest, info):
+        import torch
+
         self.stream = torch.cuda.Stream(self.device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
@@ -62,18 +81,12 @@ class TensorRTRunner(Runner):
                 ctx = engine.create_execution_context(strategy)
                 ctx.set_optimization_profile_async(i, self.stream.cuda_stream)
                 ctxs.append(ctx)
-                size = (engine.get_device_memory_size_for_profile_v2(i)
-                        if hasattr(engine, "get_device_memory_size_for_profile_v2")
-                        else engine.get_device_memory_size_for_profile(i))
-                scratch = max(scratch, int(size))
+                scratch = max(scratch, int(engine.get_device_memory_size_for_profile_v2(i)))
             self.contexts[name] = ctxs
         self.scratch = torch.empty(max(scratch, 256), dtype=torch.uint8, device=self.device)
         for ctxs in self.contexts.values():
             for ctx in ctxs:
-                if hasattr(ctx, "set_device_memory"):
-                    ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
-                else:
-                    ctx.device_memory = self.scratch.data_ptr()
+                ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         self._dummy = torch.zeros(16, dtype=torch.float32, device=self.device)  # address for empty tensors
         self._segment_names = [p.name for p in manifest.segments]
         self._layers = [list(range(*p.layers)) for p in manifest.segments]
@@ -108,21 +121,32 @@ class TensorRTRunner(Runner):
     def _on_stream(self, fn, *args):
         import torch
 
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            out = fn(*args)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        with torch.cuda.device(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                out = fn(*args)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return out
+
+    def _profile(self, part: str, mode: str) -> int:
+        """Index of the optimization profile named ``mode`` in ``part``'s plan (by name, not position)."""
+        try:
+            return self.profiles[part].index(mode)
+        except ValueError:
+            raise EngineFolderError(f"{part}'s TensorRT plan has no '{mode}' profile (it has {self.profiles[part]}); "
+                                    f"rebuild with `dyvte build {self.manifest.root}`") from None
 
     def vision(self, pixel_values):
         import torch
 
         pv = pixel_values.to(self.device, torch.float32).contiguous()
-        return self._on_stream(lambda: self._execute("vision", 0, {"pixel_values": pv})["image_features"])
+        return self._on_stream(lambda: self._execute("vision", self._profile("vision", "default"),
+                                                     {"pixel_values": pv})["image_features"])
 
     def embed(self, input_ids):
         ids = input_ids.to(self.device).contiguous()
-        return self._on_stream(lambda: self._execute("embed", 0, {"input_ids": ids})["inputs_embeds"])
+        return self._on_stream(lambda: self._execute("embed", self._profile("embed", "default"),
+                                                     {"input_ids": ids})["inputs_embeds"])
 
     def gate(self, hidden, text_mask, gate_index):
         import torch
@@ -130,16 +154,23 @@ class TensorRTRunner(Runner):
         feeds = {"hidden_states": hidden.to(self.device, self.dtype).contiguous(),
                  "text_mask": text_mask.to(self.device).contiguous(),
                  "gate_index": torch.tensor(gate_index, device=self.device)}
-        return self._on_stream(lambda: self._execute("gate", 0, feeds)["probs"])
+        return self._on_stream(lambda: self._execute("gate", self._profile("gate", "default"), feeds)["probs"])
 
     def head(self, hidden):
         h = hidden.to(self.device, self.dtype).contiguous()
-        return self._on_stream(lambda: self._execute("head", 0, {"hidden_states": h})["logits"])
+        return self._on_stream(lambda: self._execute("head", self._profile("head", "default"),
+                                                     {"hidden_states": h})["logits"])
 
     def new_cache(self, segment, batch, capacity, group="full"):
         import torch
 
         t = self.manifest.text
+        with torch.cuda.device(self.device):
+            return self._new_cache(segment, batch, capacity, t)
+
+    def _new_cache(self, segment, batch, capacity, t):
+        import torch
+
         numel = batch * t["num_kv_heads"] * capacity * t["head_dim"]
         buffers = [[(torch.empty(numel, dtype=self.dtype, device=self.device),
                      torch.empty(numel, dtype=self.dtype, device=self.device)) for _ in range(2)]
@@ -162,8 +193,9 @@ class TensorRTRunner(Runner):
             for j, kind in enumerate(("key", "value")):
                 feeds[f"past.{layer}.{kind}"] = bufs[src][j][: B * hkv * P * hd].view(B, hkv, P, hd)
                 outs[f"present.{layer}.{kind}"] = bufs[dst][j][: B * hkv * (P + S) * hd].view(B, hkv, P + S, hd)
-        profile = MODES.index(mode)
-        out = self._on_stream(lambda: self._execute(self._segment_names[index], profile, feeds, outs))
+        name = self._segment_names[index]
+        profile = self._profile(name, mode)
+        out = self._on_stream(lambda: self._execute(name, profile, feeds, outs))
         cache.current, cache.length = dst, P + S
         return out["hidden_states_out"]
 
