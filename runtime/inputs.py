@@ -53,3 +53,43 @@ def encode(processor, image, prompt: str):
     ids = torch.from_numpy(np.asarray(out["input_ids"][0], dtype=np.int64))
     pixels = torch.from_numpy(np.asarray(out["pixel_values"], dtype=np.float32))
     return ids, pixels
+
+
+def encode_messages(processor, messages: list):
+    """(input_ids [T] int64, pixel_values [N,3,H,W] float32 or None) for a chat in the model's
+    template. ``messages``: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]``
+    with parts ``{"type": "text", "text": str}`` or ``{"type": "image", "image": path | PIL image}``;
+    images are used in order of appearance."""
+    import numpy as np
+    import torch
+
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages must be a non-empty list of {role, content} objects")
+    images, chat = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"message {i} needs a role of system, user or assistant")
+        content = m.get("content")
+        if isinstance(content, str):
+            chat.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, (list, tuple)) or not content:
+            raise InputError(f"message {i} has no content; give a string or a list of text/image parts")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                images.append(load_image(part.get("image")))
+                parts.append({"type": "image"})
+            else:
+                raise InputError(f"message {i} has a part of type {kind!r}; dyvte takes text and image parts")
+        chat.append({"role": m["role"], "content": parts})
+    if not getattr(processor, "chat_template", None):
+        raise InputError("this engine folder's processor has no chat template; pass token ids to generate_ids instead")
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    out = processor(images=images or None, text=[text], return_tensors="np")
+    ids = torch.from_numpy(np.asarray(out["input_ids"][0], dtype=np.int64))
+    pixels = torch.from_numpy(np.asarray(out["pixel_values"], dtype=np.float32)) if images else None
+    return ids, pixels

@@ -122,6 +122,23 @@ class Pipeline:
             ids, pixels = encode(self.processor, image, prompt)
         return Request(ids, pixels, max_new_tokens, SamplingParams(temperature, top_p, seed))
 
+    def encode_chat(self, messages: list, max_new_tokens: int | None = None, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int | None = None) -> Request:
+        """A :class:`Request` for a chat (see :func:`dyvte.runtime.inputs.encode_messages`: roles,
+        text and image parts, any number of images) in the folder's chat template."""
+        from .inputs import encode_messages
+
+        with self._encode_lock:
+            ids, pixels = encode_messages(self.processor, messages)
+        return Request(ids, pixels, max_new_tokens, SamplingParams(temperature, top_p, seed))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of generated token ids (special tokens skipped)."""
+        if self.processor is None:
+            return ""
+        with self._encode_lock:
+            return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def generate(self, image, prompt, max_new_tokens: int | None = None, policy: str | None = "auto",
                  gate_threshold: float = DEFAULT_GATE_THRESHOLD, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, return_logits: bool = False):
@@ -273,7 +290,7 @@ class Pipeline:
                                            self.manifest.model["eos_token_ids"], return_logits, on_step)
             results = []
             for i, toks in enumerate(gen.tokens):
-                text = self.processor.tokenizer.decode(toks, skip_special_tokens=True) if self.processor else ""
+                text = self.decode(toks)
                 logits = gen.logits[i].numpy() if return_logits else None
                 results.append(Result(text.strip(), toks, gen.exit_layers[i], logits, dict(gen.timings),
                                       gen.gate_probs[i], gen.finish[i], len(requests[i].input_ids), pol.name))

@@ -5,9 +5,17 @@
 
 Builds the dyvte modules directly on the device (no checkpoint, no export), runs them through
 the same dispatcher as every engine folder, and prints, measured side by side in one process:
-prefill (first token) with ``never`` and ``layer:K`` against the FLOPs ratio, decode tokens/s
-for both, and peak GPU memory. Smaller shapes (``--layers 2 --hidden 256 --device cpu``) run
-anywhere, which is how CI keeps this script working.
+
+* prefill (first token) with ``never`` and ``layer:K`` next to their FLOPs ratio;
+* decode tokens/s of ``never`` and ``layer:K`` with CUDA-graph decoding on and off;
+* decode tokens/s of Hugging Face ``LlavaForConditionalGeneration.generate`` (sdpa attention, the
+  same shapes, its own random weights) on the same device, as the baseline;
+* peak device memory of each.
+
+Decode tokens/s = (new_tokens - 1) / decode time (the first token comes from the prefill); for
+Hugging Face the same from the difference of ``generate`` with ``new_tokens`` and with 1 token.
+Smaller shapes (``--layers 2 --hidden 256 --device cpu``) run anywhere, which is how CI keeps this
+script working.
 """
 
 from __future__ import annotations
@@ -16,6 +24,21 @@ import argparse
 import json
 import statistics
 import time
+
+
+def _hf_model(hf_config, device, dtype):
+    """A random-weight HF LLaVA built straight on the device (sdpa attention)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
 
 
 def main(argv=None):
@@ -35,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -49,6 +72,7 @@ def main(argv=None):
     from dyvte.runtime.pipeline import Pipeline
     from dyvte.settings import default_candidates
 
+    cuda = args.device.startswith("cuda")
     d, L = args.hidden, args.layers
     heads = args.heads or max(1, d // 128)
     inter = args.intermediate or (11008 if d == 4096 else int(d * 2.6875))
@@ -68,45 +92,96 @@ def main(argv=None):
         vision_config=CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                                        num_hidden_layers=args.vision_layers + 1, num_attention_heads=args.vision_hidden // 64,
                                        image_size=args.image_size, patch_size=args.patch),
-        text_config=LlamaConfig(hidden_size=d, num_hidden_layers=L, vocab_size=args.vocab), vision_feature_layer=-2)
-    if args.device == "cuda":
+        text_config=LlamaConfig(hidden_size=d, num_hidden_layers=L, vocab_size=args.vocab, num_attention_heads=heads,
+                                num_key_value_heads=heads, intermediate_size=inter, max_position_embeddings=4096),
+        vision_feature_layer=-2, image_token_index=image_token, image_seq_length=n_vis)
+    dtype = getattr(torch, args.dtype)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    runner = TorchRunner(manifest, device=args.device, dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
+    runner = TorchRunner(manifest, device=args.device, dtype=args.dtype, cuda_graphs=True, reuse_caches=True,
                          random_weights=True, hf_config=hf_config)
     pipe = Pipeline(manifest, runner)
     rng = np.random.default_rng(0)
     ids = np.concatenate([[1], np.full(n_vis, image_token), rng.integers(3, image_token, args.text_tokens - 1)])[None].astype(np.int64)
     pixels = rng.standard_normal((1, 3, args.image_size, args.image_size)).astype(np.float32)
     pols = {"never": "never", f"layer:{k}": f"layer:{k}"}
+    graph_modes = [True, False] if cuda else [False]
     prefill = {p: [] for p in pols}
-    decode = {p: [] for p in pols}
-    for p in pols.values():  # warm-up (CUDA graphs are captured here)
-        pipe.generate_ids(ids, pixels, max_new_tokens=args.new_tokens, policy=p)
+    decode = {(p, g): [] for p in pols for g in graph_modes}
+    for g in graph_modes:  # warm-up (CUDA graphs are captured here, once per shape bucket)
+        runner.cuda_graphs = g
+        for p in pols.values():
+            pipe.generate_ids(ids, pixels, max_new_tokens=args.new_tokens, policy=p)
     for _ in range(args.reps):
         for name, p in pols.items():
             r = pipe.generate_ids(ids, pixels, max_new_tokens=1, policy=p)
             prefill[name].append(r.timings["prefill_s"])
-            r = pipe.generate_ids(ids, pixels, max_new_tokens=args.new_tokens, policy=p)
-            decode[name].append(r.timings["decode_tokens_per_s"])
+            for g in graph_modes:
+                runner.cuda_graphs = g
+                r = pipe.generate_ids(ids, pixels, max_new_tokens=args.new_tokens, policy=p)
+                decode[(name, g)].append(r.timings["decode_tokens_per_s"])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    captures = runner.graph_captures
+    pipe.close()
+    del runner, pipe
+
+    hf_tps, hf_peak, hf_prefill = [], float("nan"), []
+    if not args.no_hf:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = _hf_model(hf_config, args.device, dtype)
+        t_ids = torch.from_numpy(ids).to(args.device)
+        t_px = torch.from_numpy(pixels).to(args.device, dtype)
+        kw = dict(input_ids=t_ids, pixel_values=t_px, attention_mask=torch.ones_like(t_ids), do_sample=False)
+
+        def timed(n):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**kw, max_new_tokens=n, min_new_tokens=n)
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        timed(args.new_tokens)  # warm-up
+        for _ in range(args.reps):
+            one, many = timed(1), timed(args.new_tokens)
+            hf_prefill.append(one)
+            hf_tps.append((args.new_tokens - 1) / max(many - one, 1e-9))
+        hf_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        del model
+
     vis = flops.vision_flops({"hidden_size": args.vision_hidden, "intermediate_size": 4 * args.vision_hidden,
                               "patch_size": args.patch, "image_size": args.image_size}, args.vision_layers, d)
     f = {name: flops.prefill_flops(text, T, n_vis, L if p == "never" else k, vis) for name, p in pols.items()}
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{time.strftime('%Y-%m-%d')}  {dev}  torch backend, {args.dtype}, L={L}, d={d}, {T} prompt tokens "
-          f"({n_vis} visual), CUDA graphs {'off' if args.no_cuda_graphs or args.device != 'cuda' else 'on'}, "
-          f"median of {args.reps}")
-    print(f"{'policy':<10}{'prefill ms':>11}{'TFLOPs':>9}{'decode tok/s':>14}")
+          f"({n_vis} visual), {args.new_tokens} new tokens, median of {args.reps}")
     med = {n: statistics.median(v) for n, v in prefill.items()}
+    head = f"{'variant':<22}{'prefill ms':>11}{'TFLOPs':>9}{'decode tok/s':>14}"
+    print(head)
     for name in pols:
-        print(f"{name:<10}{med[name] * 1e3:>11.2f}{f[name] / 1e12:>9.3f}{statistics.median(decode[name]):>14.1f}")
+        for g in graph_modes:
+            label = f"{name}" + (f" graphs {'on' if g else 'off'}" if cuda else "")
+            print(f"{label:<22}{med[name] * 1e3:>11.2f}{f[name] / 1e12:>9.3f}{statistics.median(decode[(name, g)]):>14.1f}")
+    if hf_tps:
+        print(f"{'HF generate (sdpa)':<22}{statistics.median(hf_prefill) * 1e3:>11.2f}{f['never'] / 1e12:>9.3f}"
+              f"{statistics.median(hf_tps):>14.1f}")
     name = f"layer:{k}"
     print(f"\nprefill time ratio {name}/never {med[name] / med['never']:.3f}   FLOPs ratio {f[name] / f['never']:.3f}")
-    print(f"peak GPU memory {peak:.2f} GiB")
+    g = graph_modes[0]
+    if hf_tps:
+        print(f"decode tok/s never{' (graphs on)' if cuda else ''} / HF generate: "
+              f"{statistics.median(decode[('never', g)]) / statistics.median(hf_tps):.2f}")
+    print(f"peak device memory: dyvte {peak:.2f} GiB, HF {hf_peak:.2f} GiB; decode graphs captured: {captures}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": dev, "prefill_s": prefill, "decode_tokens_per_s": decode, "flops": f,
-                       "peak_gib": peak, "args": vars(args)}, fh, indent=2)
+            json.dump({"device": dev, "prefill_s": prefill, "flops": f, "peak_gib": peak, "hf_peak_gib": hf_peak,
+                       "decode_tokens_per_s": {f"{n} graphs {'on' if g else 'off'}": v for (n, g), v in decode.items()},
+                       "hf_decode_tokens_per_s": hf_tps, "hf_prefill_s": hf_prefill, "graph_captures": captures,
+                       "args": vars(args)}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -642,7 +642,7 @@ class Extractor:
             if not n:
                 api.unresolved.append(("<module>", method, callee))
             return n
-        if "accessor<pybind11::detail::accessor_policies::str_attr>::operator=" in base:
+        if depth == 0 and "accessor<pybind11::detail::accessor_policies::str_attr>::operator=" in base:
             keys = [s for s in st.stored if MEMBER_RE.match(s)]
             if keys:
                 api.module.add(keys[-1])  # m.attr("float32") = DataType::kFLOAT
@@ -702,6 +702,10 @@ def _apply_statements(api: Api, body: list):
                         if alias in api.enums:
                             api.enums.add(f"{owner}.{t.attr}")
                             api.values[f"{owner}.{t.attr}"] = set(api.values.get(alias, ()))
+        elif isinstance(node, ast.Delete):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    api.module.discard(t.id)
         elif isinstance(node, ast.If) and _constant(node.test) is True:  # `if "tensorrt" == "tensorrt" ...:`
             _apply_statements(api, node.body)
         elif isinstance(node, ast.For):

@@ -176,3 +176,24 @@ def test_on_step_streams_tokens_and_stops_rows(llama, pipelines):
     assert res[1].token_ids == full[1].token_ids[:2] and res[1].finish_reason == "stop"
     assert res[0].token_ids == full[0].token_ids and res[2].token_ids == full[2].token_ids
     assert {i: seen[i] for i in (0, 2)} == {0: full[0].token_ids, 2: full[2].token_ids} and seen[1] == res[1].token_ids
+
+
+def test_encode_chat(llama, pipelines, tmp_path):
+    pipe = pipelines(llama.engine_dir)
+    img = make_image(0)
+    a = pipe.generate(img, "what color ?", max_new_tokens=3, policy="never")
+    req = pipe.encode_chat([{"role": "user", "content": [{"type": "image", "image": img},
+                                                         {"type": "text", "text": "what color ?"}]}], 3)
+    b = pipe.run([req], policy="never")[0]
+    assert a.token_ids == b.token_ids and a.prompt_tokens == b.prompt_tokens
+    text_only = pipe.encode_chat([{"role": "user", "content": "what color ?"}], 3)
+    assert text_only.pixel_values is None and pipe.run([text_only], policy="gate")[0].exit_layer == llama.spec.num_layers
+    two = pipe.encode_chat([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "image", "image": img},
+                                                         {"type": "text", "text": "same ?"}]}])
+    assert two.pixel_values.shape[0] == 2 and pipe.run([two], policy="layer:1")[0].exit_layer == 1
+    from dyvte.errors import InputError
+
+    for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user", "content": [{"type": "video"}]}],
+                [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "missing.png")}]}]):
+        with pytest.raises(InputError):
+            pipe.encode_chat(bad)

@@ -25,6 +25,16 @@ def test_bench_gpu_small_on_cpu(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["flops"]["layer:2"] < res["flops"]["never"]
     assert all(v[0] > 0 for v in res["decode_tokens_per_s"].values())
+    assert res["hf_decode_tokens_per_s"][0] > 0 and "HF generate (sdpa)" in text
+
+
+def test_bench_load_memory_small(tmp_path, capsys):
+    rows = _load("bench_load_memory").main(["--hidden", "256", "--layers", "2", "--vocab", "2000", "--vision-layers", "2",
+                                            "--work", str(tmp_path), "--dtypes", "float16,float32"])
+    assert "peak added GiB" in capsys.readouterr().out
+    fp16, fp32 = rows
+    assert fp32["weights"] > 1.9 * fp16["weights"]  # the same tensors in twice the bytes (int buffers aside)
+    assert all(r["added"] > 0 for r in rows)
 
 
 def test_bench_prefill_small(tmp_path, capsys):

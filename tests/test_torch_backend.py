@@ -125,3 +125,31 @@ def test_cache_pool_stays_within_its_byte_budget(llama, pipelines, torch_pipes):
         _compare(pt.generate(make_image(seed), PROMPTS[seed % 3], **kw), ort.generate(make_image(seed), PROMPTS[seed % 3], **kw))
         in_use = sum(c.nbytes for c in pt.runner._pool.values() if c.in_use)
         assert pt.runner.pooled_bytes <= max(budget, in_use)  # only the running request's caches may exceed it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_cuda_graphs_captured_once_per_bucket(llama):
+    from dyvte.runtime import Pipeline
+
+    pt = Pipeline.load(llama.engine_dir, backend="torch", device="cuda")  # CUDA graphs on, pooled caches
+    captures = []
+    for _ in range(3):
+        for seed, prompt in enumerate(PROMPTS):
+            for policy in ("gate", "never", "layer:1"):
+                pt.generate(make_image(seed), prompt, max_new_tokens=5, policy=policy)
+        captures.append(pt.runner.graph_captures)
+    assert captures[0] > 0 and captures[0] == captures[1] == captures[2]  # later requests only replay
+    assert captures[0] <= len(pt.runner._pool)  # at most one graph per pooled cache (shape bucket)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_gpu_is_honoured(llama, pipelines):
+    from dyvte.runtime import Pipeline
+
+    pt = Pipeline.load(llama.engine_dir, backend="torch", device="cuda:1")
+    assert all(p.device == torch.device("cuda", 1) for p in pt.runner.segments[0].parameters())
+    kw = dict(max_new_tokens=5, policy="gate", return_logits=True)
+    _compare(pt.generate(make_image(0), PROMPTS[0], **kw), pipelines(llama.engine_dir).generate(make_image(0), PROMPTS[0], **kw),
+             atol=2e-3)
