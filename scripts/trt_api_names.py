@@ -11,32 +11,41 @@ downloads). The wheel holds the pybind11 module ``tensorrt_bindings/tensorrt.so`
 
 How the classes and their members are found
 -------------------------------------------
-pybind11 registers everything at import time, in the module's init code (``tensorrt::bind*``): a class is
-created by ``generic_type::initialize(type_record)`` after its name was stored in the record, an enum by a
-call to ``enum_<T>::enum_(scope, "Name", ...)``, and every member by a call that receives its name as a C
-string: ``class_<T>::def*("name", ...)``, ``enum_<T>::value("NAME", ...)``, or, where the compiler inlined
-those, ``add_class_method(cls, "name", ...)``, ``generic_type::def_property_static_impl("name", ...)``,
-``enum_base::value("NAME", ...)``. The module is not stripped, so ``objdump -d -C`` (GNU binutils; pass
-``--objdump`` if it is not on PATH) gives the init code with the callees' names. This script follows each
-registration function in call order, keeps track of which string addresses (``lea str(%rip)``) sit in which
-register or stack slot, and at each such call reads the name argument (``%rsi``, or ``%rdx`` for the
-constructors). The owning class comes from the callee's template argument (``class_<nvinfer1::ICudaEngine>``;
-the C++ to Python name map is taken from the ``class_<T>::init_instance`` pointer stored in each type record),
-or, for the inlined helpers, from the class being defined at that point. Where a ``def`` clone has its name
-constant-folded into its body (``[clone .constprop.N]``), the clone is followed too. Module attributes come
-from ``module_::def``/``add_object``, ``m.attr("name") = ...`` and ``export_values()``; the Python
-``__init__.py`` of the wheel is read with ``ast`` for what it adds (``Logger.WARNING``, ``DataType.itemsize``,
-``__version__``, ...). Nested enums are stored as ``Outer.Inner`` (``ILogger.Severity``).
+pybind11 registers everything when the module is imported, in its init code (``PyInit_tensorrt`` or, with
+pybind11 3, ``pybind11_exec_tensorrt``, which call ``tensorrt::bindCore(pybind11::module_&)`` and the other
+``bind*`` functions): a class is created by ``generic_type::initialize(type_record)`` (the record holds the
+Python name at offset 8 and a pointer to ``class_<T, bases...>::init_instance``), an enum by
+``enum_<T>::enum_(scope, "Name")``, and each member by a call that receives its name as a C string in
+``%rsi``: ``class_<T>::def*("name", ...)`` and ``enum_<T>::value("NAME", ...)``, or, where the compiler
+inlined those, ``add_class_method(cls, "name", ...)``, ``generic_type::def_property_static_impl("name", ...)``
+and ``enum_base::value("NAME", ...)``. The module is not stripped, so ``objdump -d -C`` (GNU binutils; pass
+``--objdump`` if it is not on PATH) shows that code with the callees' names.
 
-Checks built in: every version must yield the classes and members this relies on (see ``_sanity``), and a
-registration call whose name cannot be read is counted in ``unresolved`` of the JSON (it should stay 0 or
-close to it). If a future toolchain changes the code shape so much that the per-class lists are no longer
-trustworthy, the flat ``names`` list (every identifier-like string the registration code references) is
-still written.
+This script walks the registration functions in call order with a small model of the machine state: which
+registers and stack slots hold the address of a string in ``.rodata`` (``lea str(%rip)``), of a stack slot,
+or of a class object created earlier (xmm registers as two 8-byte lanes, since the compiler moves
+pointer pairs through them). At each call above it reads the name argument; the class a member belongs to
+is the class object passed as ``this`` (``%rdi``; chained calls return it in ``%rax``). That matters: the
+linker folds identical template instances, so a callee named ``class_<IErrorRecorder>::def_property`` may
+well be defining a property of ``ICudaEngine``; the callee's template argument is only a fallback when
+``this`` is unknown (and a disagreement is counted, not trusted). Clones whose name argument the compiler
+constant-folded into their body (``[clone .constprop.N]``) are interpreted too. Nested types come from the
+enum's or class's scope argument and are stored as ``Outer.Inner`` (``ILogger.Severity``); base classes come
+from the ``class_<T, Base...>`` arguments. Module attributes come from ``module_::def``/``add_object``,
+``m.attr("name") = ...`` and ``export_values()``. The wheel's ``__init__.py`` is read with ``ast`` for what
+it adds (``Logger.WARNING``, ``Logger.Severity``, ``DataType.itemsize``, ``__version__``, ...).
+
+Trust: every version must show the classes and members listed in ``SANITY`` (else the script stops),
+``resolution`` in the JSON counts how each member's class was found (``this`` should dominate), and every
+registration whose name could not be read is listed in ``unresolved`` (10.16/11.4: the class that
+``py::bind_vector`` makes for ``std::vector<PluginField>``, whose name arrives as a ``std::string``, and
+its methods). Names registered by functions this walk does not enter can be missing (in 10.13 that same
+``bind_vector`` class); the flat ``names`` list (every identifier the registration code references, plus
+all classes and members) is the coarse fallback. ``--trace DIR`` writes every class and member as found.
 
 Output: ``<out>/<version>.json`` with ``version``, ``package``, ``wheel``, ``sha256`` (of the wheel),
-``module`` (module-level names), ``classes`` ({class or enum: sorted member names}), ``enums`` (which of the
-classes are enums), ``names`` (flat, sorted) and ``unresolved``.
+``module`` (module-level names), ``classes`` ({class or enum: sorted member names, own only}), ``enums``
+({enum: its values}), ``bases`` ({class: base classes}), ``names``, ``resolution`` and ``unresolved``.
 """
 
 from __future__ import annotations
@@ -441,7 +450,7 @@ class Extractor:
         self.elf, self.funcs, self.api = elf, funcs, Api()
         self.objects: dict[tuple, str] = {}  # stack slot of a class_/enum_ object -> key
         self.current: str | None = None  # the class or enum defined last (for the rare call without `this`)
-        self.pending_type: str | None = None  # C++ type of the type_record being filled
+        self.pending_type: list | None = None  # class_<...> template arguments of the type_record being filled
         self.registered = 0
         self.how: dict[str, int] = {}  # how the owner of each member was found (diagnostics)
         self.lookups: list | None = None  # attribute names looked up inside a followed def clone
@@ -587,7 +596,8 @@ class Extractor:
             return 0
         method = _callee_method(base)
         for kind in ("enum_", "class_"):
-            # out-of-line constructors: enum_(this, const handle &scope, name, ...), class_(this, handle scope, name, ...)
+            # out-of-line constructors: enum_(this, const handle &scope, name, ...),
+            # class_(this, handle scope, name, ...)
             if f"pybind11::{kind}<" in base and method == kind:
                 before = self.registered
                 self.follow(target, args, depth, visiting)  # the name may be constant-folded into a clone
@@ -743,9 +753,10 @@ def _constant(node):
 
 # -- per version ---------------------------------------------------------------------------------------------
 # (class, member) pairs every supported TensorRT has; a version missing one means the extraction broke
-SANITY = [("ICudaEngine", "get_tensor_name"), ("ICudaEngine", "num_io_tensors"), ("IExecutionContext", "execute_async_v3"),
-          ("IExecutionContext", "set_input_shape"), ("Builder", "create_network"), ("IBuilderConfig", "set_memory_pool_limit"),
-          ("OnnxParser", "parse_from_file"), ("TensorIOMode", "OUTPUT"), ("Logger", "WARNING"), ("Runtime", "deserialize_cuda_engine"),
+SANITY = [("ICudaEngine", "get_tensor_name"), ("ICudaEngine", "num_io_tensors"),
+          ("IExecutionContext", "execute_async_v3"), ("IExecutionContext", "set_input_shape"),
+          ("Builder", "create_network"), ("IBuilderConfig", "set_memory_pool_limit"), ("OnnxParser", "parse_from_file"),
+          ("TensorIOMode", "OUTPUT"), ("Logger", "WARNING"), ("Runtime", "deserialize_cuda_engine"),
           ("ILogger.Severity", "WARNING"), ("IOptimizationProfile", "set_shape")]
 MODULE_SANITY = ["Builder", "Runtime", "Logger", "float32", "int64", "DataType", "__version__"]
 
@@ -775,7 +786,7 @@ def extract(wheel: Path, objdump: str, trace: list | None = None) -> dict:
     _apply_exports(api)
     if init_py:
         apply_init_py(api, init_py)
-    return {"so": so_name, "api": api}
+    return {"so": so_name, "api": api, "how": ex.how}
 
 
 def _describe(u: tuple) -> str:
@@ -801,7 +812,8 @@ def version_record(version: str, wheel: Path, objdump: str, trace: list | None =
         "wheel": wheel.name,
         "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
         "module_file": got["so"],
-        "method": "pybind11 registration calls read from objdump -d of the module's init code; see scripts/trt_api_names.py",
+        "method": "pybind11 registrations read from objdump -d of the module's init code (scripts/trt_api_names.py)",
+        "resolution": dict(sorted(got["how"].items())),
         "unresolved": sorted({_describe(u) for u in api.unresolved}),
         "module": sorted(api.module),
         "enums": {e: sorted(api.values.get(e, ())) for e in sorted(api.enums)},
