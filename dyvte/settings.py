@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 #: Engine-folder format written by this version (``manifest.json`` field ``schema_version``).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: float32 RoPE frequencies in fp16/bf16 graphs, TensorRT plans named by key
 MANIFEST_NAME = "manifest.json"
 
 #: ONNX opset of exported graphs. 17 is the newest opset the TorchScript exporter and every

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -46,3 +48,9 @@ def test_bench_prefill_small(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res["median"]) == {"never", "layer:2", "hf"} and res["visual_tokens"] == 576
     assert res["flops"]["exit"] < res["flops"]["never"]
+
+
+def test_precision_report_small(tmp_path, capsys):
+    rows = _load("precision_report").main(["--before", "60", "--after", "8", "--workdir", str(tmp_path)])
+    assert "HF error" in capsys.readouterr().out
+    assert {r["dtype"] for r in rows} == {"float16", "bfloat16", "float32"} and all(np.isfinite(r["error"]) for r in rows)
