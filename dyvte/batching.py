@@ -143,6 +143,10 @@ class Job:
     _done: bool = False
 
     @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
     def key(self):
         return self.policy, self.gate_threshold
 

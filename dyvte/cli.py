@@ -321,5 +321,76 @@ def eval_cmd(engine_dir, data, image_root, policies, max_samples, max_new_tokens
             click.echo(f"wrote {p}", err=True)
 
 
+from . import serve as _serve  # noqa: E402  (its defaults; light: fastapi/uvicorn load when serving)
+
+
+@main.command("serve", cls=Command)
+@click.option("--engine-dir", required=True, type=click.Path(path_type=Path), help="Engine folder from dyvte-export.")
+@click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | torch | tensorrt")
+@click.option("--host", default=_serve.DEFAULT_HOST, show_default=True,
+              help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=int, default=_serve.DEFAULT_PORT, show_default=True)
+@click.option("--policy", default="auto", show_default=True,
+              help="Default exit policy (requests may pick another with {\"dyvte\": {\"policy\": ...}}).")
+@click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
+@click.option("--max-batch", type=int, default=None, help="Most requests per batch (default: the folder's limit).")
+@click.option("--max-wait-ms", type=float, default=_serve.DEFAULT_MAX_WAIT_MS, show_default=True,
+              help="How long the oldest request waits for others to batch with.")
+@click.option("--max-queue", type=int, default=_serve.DEFAULT_MAX_QUEUE, show_default=True,
+              help="Most waiting requests; more are answered 503 with Retry-After.")
+@click.option("--request-timeout", type=float, default=_serve.DEFAULT_REQUEST_TIMEOUT_S, show_default=True,
+              help="Seconds a request may take (queue + generation) before a 504.")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None,
+              help="Allow local image paths / file:// URLs under this folder (off by default).")
+@click.option("--max-image-bytes", type=int, default=_serve.DEFAULT_MAX_IMAGE_BYTES, show_default=True,
+              help="Per encoded image.")
+@click.option("--max-image-pixels", type=int, default=_serve.DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Per image (width x height).")
+@click.option("--model-name", default=None, help="Model id clients send (default: the engine folder's name).")
+@click.option("--no-verify", is_flag=True, help="Skip the checksum check of the folder's files.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch, max_wait_ms, max_queue,
+              request_timeout, image_root, max_image_bytes, max_image_pixels, model_name, no_verify, log_level):
+    """OpenAI-compatible server (/v1/chat/completions, /v1/models, /health, /metrics) with dynamic batching."""
+    from dyvte.serve import ServeSettings, serve
+
+    serve(ServeSettings(
+        engine_dir=engine_dir, backend=backend, host=host, port=port, policy=policy, gate_threshold=gate_threshold,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout,
+        image_root=image_root, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+        model_name=model_name, verify=not no_verify, log_level=log_level))
+
+
+@main.command("triton-repo", cls=Command)
+@click.option("--engine-dir", required=True, type=click.Path(path_type=Path), help="Engine folder from dyvte-export.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Triton model repository to write into.")
+@click.option("--model-name", default="dyvte", show_default=True)
+@click.option("--backend", default="auto", show_default=True,
+              help="auto (GPU: tensorrt or torch; CPU: onnxruntime) | onnxruntime | torch | tensorrt")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="instance_group kind (KIND_CPU / KIND_GPU).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
+@click.option("--max-batch", type=int, default=None, help="max_batch_size (default: the folder's limit).")
+@click.option("--max-queue-delay-us", type=int, default=5000, show_default=True,
+              help="dynamic_batching max_queue_delay_microseconds.")
+@click.option("--policy", default="auto", show_default=True, help="Exit policy of every request.")
+@click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
+@click.option("--env", "env", type=click.Path(path_type=Path), default=None,
+              help="Python environment with dyvte for the python backend (EXECUTION_ENV_PATH).")
+@click.option("--copy-engine", is_flag=True, help="Copy the engine folder into the repository (else an absolute path).")
+@click.option("--overwrite", is_flag=True, help="Replace the model folder if it exists.")
+def triton_repo_cmd(engine_dir, out, model_name, backend, kind, instances, max_batch, max_queue_delay_us, policy,
+                    gate_threshold, env, copy_engine, overwrite):
+    """Write a Triton model repository (python backend wrapping the Pipeline, dynamic batching)."""
+    from dyvte.triton_repo import TritonRepoSettings, write_triton_repo
+
+    path = write_triton_repo(TritonRepoSettings(
+        engine_dir=engine_dir, out=out, model_name=model_name, backend=backend, kind=kind, instances=instances,
+        max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, policy=policy, gate_threshold=gate_threshold,
+        env=env, copy_engine=copy_engine, overwrite=overwrite))
+    click.echo(f"triton model written: {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

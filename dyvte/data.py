@@ -39,7 +39,7 @@ def records_to_qa(records: list[dict], image_root: str | Path | None, limit: int
 
 
 def num_visual_tokens(processor) -> int:
-    """Visual tokens one image expands to, as the processor computes them."""
+    """Visual tokens one (square, crop-sized) image expands to, as the processor computes them."""
     import numpy as np
     from PIL import Image
 
@@ -52,62 +52,68 @@ def num_visual_tokens(processor) -> int:
 
 @dataclass
 class TrainBatch:
-    """Right-padded teacher-forced batch. Shapes [B,T] except pixel_values [B,3,H,W]."""
+    """Right-padded teacher-forced batch. Shapes [B,T]; ``vision``: the processor's tensors for
+    the batch's images (HF names, the family's layout, e.g. pixel_values [B,3,H,W])."""
 
     input_ids: object
     attention_mask: object
     labels: object  # -100 except answer tokens (the targets of their previous position)
-    pixel_values: object
+    vision: dict
     prompt_lengths: object  # [B] tokens before the answer
     qtypes: list
 
+    @property
+    def pixel_values(self):
+        return self.vision["pixel_values"]
+
 
 class Batcher:
-    """Tokenizes (image, question, answer) with the model's chat template and processor."""
+    """Tokenizes (image, question, answer) with the model's chat template and processor (which
+    expands each image into its visual tokens, however many the family makes of it)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, family):
         from .runtime.inputs import format_prompt
 
-        self.processor = processor
+        self.processor, self.family = processor, family
         self.tok = processor.tokenizer
-        self.n_vis = num_visual_tokens(processor)
         self._format = format_prompt
 
-    def encode(self, question: str, answer: str) -> tuple[list[int], int]:
-        """(token ids of prompt + answer + end, prompt length)."""
+    def _ids(self, text: str, image):
+        from .runtime.inputs import _outputs
+
+        return _outputs(self.processor(images=[image], text=[text], return_tensors="np"), True)
+
+    def encode(self, question: str, answer: str, image) -> tuple[list[int], int, dict]:
+        """(token ids of prompt + answer + end, prompt length, the image's processor tensors)."""
         proc, tok = self.processor, self.tok
         prompt = self._format(proc, question)
-        full = None
+        p_ids, vision = self._ids(prompt, image)
+        p_ids = p_ids.tolist()
         if getattr(proc, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-            full = proc.apply_chat_template(msgs, add_generation_prompt=False)
-        expand = lambda s: s.replace(proc.image_token, proc.image_token * self.n_vis)  # noqa: E731
-        p_ids = tok(expand(prompt))["input_ids"]
-        if full is not None:
-            f_ids = tok(expand(full))["input_ids"]
+            f_ids = self._ids(proc.apply_chat_template(msgs, add_generation_prompt=False), image)[0].tolist()
             if f_ids[: len(p_ids)] == p_ids and len(f_ids) > len(p_ids):
-                return f_ids, len(p_ids)
+                return f_ids, len(p_ids), vision
         a_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return p_ids + a_ids + eos, len(p_ids)
+        return p_ids + a_ids + eos, len(p_ids), vision
 
     def __call__(self, samples: list[QA], device="cpu") -> TrainBatch:
         import torch
 
         from .runtime.inputs import load_image
 
-        encoded = [self.encode(s.question, s.answer) for s in samples]
-        T = max(len(ids) for ids, _ in encoded)
+        encoded = [self.encode(s.question, s.answer, load_image(s.image)) for s in samples]
+        T = max(len(ids) for ids, _, _ in encoded)
         B = len(samples)
         ids = torch.full((B, T), self.tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.long)
         labels = torch.full((B, T), -100, dtype=torch.long)
-        for i, (seq, p) in enumerate(encoded):
+        for i, (seq, p, _) in enumerate(encoded):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
             labels[i, p: len(seq)] = torch.tensor(seq[p:])
-        images = [load_image(s.image) for s in samples]
-        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return TrainBatch(ids.to(device), mask.to(device), labels.to(device), pixels.to(device),
-                          torch.tensor([p for _, p in encoded], device=device), [s.qtype for s in samples])
+        vision = {k: v.to(device) for k, v in self.family.collate([v for _, _, v in encoded]).items()}
+        return TrainBatch(ids.to(device), mask.to(device), labels.to(device), vision,
+                          torch.tensor([p for _, p, _ in encoded], device=device), [s.qtype for s in samples])

@@ -38,7 +38,6 @@ def evaluate(engine_dir, data=None, image_root=None, policies=None, backend="aut
     from dyvte import flops
     from dyvte.data import records_to_qa
     from dyvte.runtime import Pipeline
-    from dyvte.runtime.inputs import encode
     from dyvte.synth import demo_split, load_records
 
     if data is None:
@@ -50,17 +49,17 @@ def evaluate(engine_dir, data=None, image_root=None, policies=None, backend="aut
         policies = list(policies) if policies else default_policies(m)
         for p in policies:
             pipe.policy(p)  # fail early on an unknown or unavailable policy
-        t, n_vis = m.text, m.model["num_visual_tokens"]
-        vis = flops.manifest_vision_flops(m)
+        t = m.text
         gate_hidden = int(m.gate.info.get("hidden", 0)) if m.gate else 0
-        encoded = [encode(pipe.processor, s.image, s.question) for s in qa]
+        encoded = [pipe.encode(s.image, s.question) for s in qa]
         rows = []
         bar = tqdm(total=len(qa) * len(policies), desc="eval", unit="run", disable=not progress)
         for pol in policies:
-            for s, (ids, px) in zip(qa, encoded):
-                r = pipe.generate_ids(ids[None].numpy(), px.numpy(), max_new_tokens=max_new_tokens, policy=pol,
-                                      gate_threshold=gate_threshold)
-                T, k = len(ids), r.exit_layer  # k = 0 only for layer:0, which skips the vision tower
+            for s, req in zip(qa, encoded):
+                req.max_new_tokens = max_new_tokens
+                r = pipe.run([req], policy=pol, gate_threshold=gate_threshold)[0]
+                T, k = len(req.input_ids), r.exit_layer  # k = 0 only for layer:0, which skips the vision tower
+                n_vis, vis = r.visual_tokens, flops.manifest_vision_flops(m, r.image_tiles)
                 n_new = len(r.token_ids)
                 dec_layers = (flops.prefill_flops(t, T, n_vis, k, head=False)
                               + flops.decode_flops(t, T, n_vis, k, n_new, head=False))

@@ -1,4 +1,4 @@
-"""The exit semantics on a Hugging Face LLaVA, batched and differentiable (training side).
+"""The exit semantics on a Hugging Face VLM of any family, batched and differentiable (training side).
 
 Used by gate training (labels: normal run vs exit run), VTW-style analyses and the demo model's
 training. Sequences are right-padded, teacher-forced (prompt + answer). An exit at layer k
@@ -26,25 +26,29 @@ class Seq:
 
 
 class ExitModel:
-    """Wraps a (frozen or trainable) HF LlavaForConditionalGeneration."""
+    """Wraps a (frozen or trainable) HF model of a supported family (:mod:`dyvte.families`)."""
 
     def __init__(self, model):
+        from .families import family_for_config
+
         self.model = model
-        self.lm = model.model.language_model
-        self.image_token_id = model.config.image_token_id
+        self.family = family_for_config(model.config)
+        self.lm = self.family.language_model(model)
+        self.image_token_id = self.family.image_token_id(model.config)
         self.num_layers = len(self.lm.layers)
 
-    def image_features(self, pixel_values):
-        """Projected visual tokens [N,V,D] of N images."""
-        feats = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    def image_features(self, vision):
+        """Visual-token features [n,D] of a batch's images in prompt order. ``vision``: the
+        processor's tensors (dict, HF names) or, for LLaVA-1.5, pixel values [N,3,H,W]."""
+        inputs = vision if isinstance(vision, dict) else {"pixel_values": vision}
+        return self.family.hf_visual_features(self.model, inputs)
 
-    def embed(self, input_ids, pixel_values, attention_mask, image_features=None) -> Seq:
+    def embed(self, input_ids, vision, attention_mask, image_features=None) -> Seq:
         visual = (input_ids == self.image_token_id) & attention_mask.bool()
         ids = input_ids.masked_fill(visual, 0)
         x = self.lm.embed_tokens(ids)
         if visual.any():
-            feats = image_features if image_features is not None else self.image_features(pixel_values.to(x.dtype))
+            feats = image_features if image_features is not None else self.image_features(vision)
             x = x.masked_scatter(visual[..., None], feats.reshape(-1, x.shape[-1]).to(x.dtype))
         pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
         idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -67,7 +71,7 @@ class ExitModel:
         return Seq(x, s.position_ids, s.mask, s.visual, s.index), kept
 
     def head(self, hidden):
-        return self.model.lm_head(self.lm.norm(hidden))
+        return self.family.lm_head(self.model)(self.lm.norm(hidden))
 
     @staticmethod
     def drop_visual(s: Seq) -> Seq:
@@ -88,10 +92,10 @@ class ExitModel:
         mask[r, c] = 1
         return Seq(move(s.hidden), move(s.position_ids), mask, torch.zeros_like(mask, dtype=torch.bool), move(s.index))
 
-    def forward(self, input_ids, pixel_values, attention_mask, exit_layer: int | None = None, image_features=None):
+    def forward(self, input_ids, vision, attention_mask, exit_layer: int | None = None, image_features=None):
         """Logits [B,S',V] of a teacher-forced run exiting at ``exit_layer`` (None/L: no exit), the
         original column of each output position [B,S'] and the output mask [B,S']."""
-        s = self.embed(input_ids, pixel_values, attention_mask, image_features)
+        s = self.embed(input_ids, vision, attention_mask, image_features)
         k = self.num_layers if exit_layer is None else exit_layer
         s, _ = self.layers(s, 0, k)
         if k < self.num_layers:

@@ -9,9 +9,10 @@ heads and Hkv key/value heads of size hd, model width d):
 
 With MHA (Hkv = H, H·hd = d) and no cache this is 2·n·(4d² + 3dm) + 4·n²·d. A prefill of
 n_full tokens exiting at layer k costs layers [0, k) on n_full tokens and [k, L) on the
-n_text = n_full - visual tokens. Vision tower (ViT on P patches + CLS: patch embedding, layers up
-to the feature layer, projector) and the lm_head on the last token are included; the gate adds
-2·(2d·h + 2h) per evaluation. Norms, RoPE, softmax and residual adds are ignored (< 1%).
+n_text = n_full - visual tokens. The vision side (each family's formula over the tiles it encodes:
+ViT patch embedding, layers up to the feature layer, projector) and the lm_head on the last token
+are included; the gate adds 2·(2d·h + 2h) per evaluation. Norms, RoPE, softmax and residual adds
+are ignored (< 1%).
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ def decoder_layer_flops(t: dict, n: int, context: int | None = None) -> float:
 
 def vision_flops(vision_config: dict, layers_used: int, text_dim: int, num_features: int = 1,
                  image_hw: tuple[int, int] | None = None) -> float:
-    """One image through a ViT tower (patch conv + ``layers_used`` layers) and the 2-layer projector."""
-    dv, mv, p = vision_config["hidden_size"], vision_config["intermediate_size"], vision_config["patch_size"]
-    c = vision_config.get("num_channels", 3)
+    """One image through a CLIP-like ViT tower (patch conv + ``layers_used`` layers) and LLaVA's
+    2-layer projector (the families compute their own: :meth:`dyvte.families.Family.vision_flops`)."""
+    from dyvte.families.llava import Llava
+
     hw = image_hw or (vision_config["image_size"],) * 2
-    patches = (hw[0] // p) * (hw[1] // p)
-    n = patches + 1  # CLS (SigLIP has none; the difference is < 0.5%)
-    per_layer = 8 * n * dv * dv + 4 * n * n * dv + 4 * n * dv * mv
-    proj = 2 * patches * (dv * num_features * text_dim + text_dim * text_dim)
-    return 2 * patches * c * p * p * dv + layers_used * per_layer + proj
+    meta = {"tile_shape": [vision_config.get("num_channels", 3), *hw], "vision_layers": layers_used,
+            "feature_layers": [0] * num_features}
+    return Llava().vision_flops(meta, vision_config, text_dim, 1)
 
 
 def prefill_flops(t: dict, n_full: int, n_visual: int, exit_layer: int, vision: float = 0.0,
@@ -60,12 +60,12 @@ def decode_flops(t: dict, prompt_full: int, n_visual: int, exit_layer: int, new_
     return total
 
 
-def manifest_vision_flops(manifest) -> float:
-    """Vision FLOPs per image of an engine folder."""
+def manifest_vision_flops(manifest, tiles: int = 1) -> float:
+    """Vision FLOPs of ``tiles`` tiles of an engine folder (its family's formula)."""
     import json
+
+    from dyvte.families import family_named
 
     cfg = json.loads(manifest.path(manifest.data["hf_config"]).read_text())
     m = manifest.model
-    feats = len(m.get("feature_layers", [0]))
-    return vision_flops(cfg["vision_config"], m["vision_layers"], manifest.text["hidden_size"], feats,
-                        tuple(m["image_shape"][1:]))
+    return family_named(m["family"]).vision_flops(m["vision"], cfg["vision_config"], manifest.text["hidden_size"], tiles)

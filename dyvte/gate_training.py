@@ -158,7 +158,7 @@ def train_gates(s: GateTrainSettings) -> dict:
             p.unlink(missing_ok=True)
         state = {"labels_key": key}
         write_json(state_path, state)
-    batcher = Batcher(processor)
+    batcher = Batcher(processor, em.family)
 
     # -- phase 1: labels and features ---------------------------------------------------------
     shards = [(i, min(i + s.shard_size, len(qa))) for i in range(0, len(qa), s.shard_size)]
@@ -178,7 +178,7 @@ def train_gates(s: GateTrainSettings) -> dict:
             feats, labels, ce_n = [], [], []
             for i in range(a, b, s.forward_batch):
                 batch = batcher(qa[i: min(i + s.forward_batch, b)], device)
-                seq = em.embed(batch.input_ids, batch.pixel_values, batch.attention_mask)
+                seq = em.embed(batch.input_ids, batch.vision, batch.attention_mask)
                 out, entering = em.layers(seq, 0, L, collect=set(cands))
                 logits = em.head(out.hidden)
                 pred_n, valid, ce_norm = answer_stats(logits, out.index, out.mask, batch.labels)

@@ -1,4 +1,4 @@
-"""Find and load LLaVA checkpoints in Hugging Face format (local folders, the HF cache, presets).
+"""Find and load VLM checkpoints in Hugging Face format (local folders, the HF cache, presets).
 
 Nothing is ever downloaded here: a model that is not on disk gives one line saying where we
 looked and the command that downloads it. Weights are read from safetensors only and
@@ -14,10 +14,6 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError, UnsupportedModelError
 from .presets import resolve_preset
-
-#: Text backbones whose decoder layers dyvte re-implements (see exporter/modules.py).
-SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
-
 
 def _hf_cache_dir() -> str:
     from huggingface_hub import constants
@@ -38,7 +34,7 @@ def locate_model(model: str | os.PathLike | None) -> Path:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
-                f"{path} has no config.json; pass a Hugging Face LLaVA checkpoint folder "
+                f"{path} has no config.json; pass a Hugging Face checkpoint folder "
                 "(config.json, *.safetensors, tokenizer and processor files)"
             )
         return _check_weights(path)
@@ -68,9 +64,9 @@ def locate_model(model: str | os.PathLike | None) -> Path:
 
 
 def _preset_names() -> list[str]:
-    from .presets import PRESETS
+    from .families import presets
 
-    return sorted(PRESETS)
+    return sorted(presets())
 
 
 def _check_weights(path: Path) -> Path:
@@ -99,38 +95,30 @@ def quiet_transformers():
 
 
 def load_config(path: Path):
-    """Read and check the checkpoint's config: a LLaVA with a supported text backbone."""
+    """Read the checkpoint's config and check that a family adapter exports it."""
     quiet_transformers()
     from transformers import AutoConfig
+
+    from .families import family_for_config
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {exc}") from None
-    if config.model_type != "llava":
-        raise UnsupportedModelError(
-            f"{path} is a '{config.model_type}' model; dyvte exports LlavaForConditionalGeneration "
-            "checkpoints (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)"
-        )
-    text = config.text_config
-    if text.model_type not in SUPPORTED_TEXT_MODELS:
-        raise UnsupportedModelError(
-            f"text backbone '{text.model_type}' is not supported; supported: "
-            f"{', '.join(SUPPORTED_TEXT_MODELS)}"
-        )
+    family_for_config(config)
     return config
 
 
 def load_model(path: Path, dtype: str = "float32"):
-    """Load a LLaVA checkpoint (safetensors only) with eager attention, in eval mode."""
+    """Load a checkpoint (safetensors only) with eager attention, in eval mode."""
     import torch
 
-    quiet_transformers()
-    from transformers import LlavaForConditionalGeneration
+    from .families import family_for_config
 
-    load_config(path)
+    quiet_transformers()
+    family = family_for_config(load_config(path))
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = family.model_class().from_pretrained(
             path,
             dtype=getattr(torch, dtype),
             use_safetensors=True,
@@ -154,3 +142,14 @@ def load_processor(path: Path):
             f"cannot load the processor/tokenizer from {path}: {exc}; the folder needs "
             "tokenizer and preprocessor files next to config.json"
         ) from None
+
+
+def config_from_dict(data: dict):
+    """A Hugging Face config from its ``config.json`` content (e.g. an engine folder's copy)."""
+    quiet_transformers()
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot read the model config ({exc}); re-export the folder") from None

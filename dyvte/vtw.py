@@ -28,7 +28,6 @@ def calibrate_vtw(engine_dir: str | Path, data=None, image_root=None, samples: i
     from dyvte.engines.files import write_json
     from dyvte.errors import InputError
     from dyvte.runtime import Pipeline
-    from dyvte.runtime.inputs import encode
     from dyvte.settings import MANIFEST_NAME
     from dyvte.synth import demo_split, load_records
 
@@ -41,11 +40,10 @@ def calibrate_vtw(engine_dir: str | Path, data=None, image_root=None, samples: i
         L, cands = pipe.num_layers, pipe.candidates
         kl = {d: 0.0 for d in cands}
         for s in tqdm(qa, desc="vtw", unit="sample", disable=not progress):
-            ids, px = encode(pipe.processor, s.image, s.question)  # once per sample, not once per layer
-            ids, px = ids[None].numpy(), px.numpy()
+            req = pipe.encode(s.image, s.question, max_new_tokens=1)  # once per sample, not once per layer
 
             def first_logits(policy):
-                return pipe.generate_ids(ids, px, max_new_tokens=1, policy=policy, return_logits=True).logits[0]
+                return pipe.run([req], policy=policy, return_logits=True)[0].logits[0]
 
             full = first_logits("never")
             for d in cands:

@@ -171,9 +171,12 @@ def _check_io(report: LintReport, part, model, manifest, limits: Limits) -> None
         if total > text["max_position_embeddings"]:
             report.add("error", part.name, f"profiles reach {total} positions, the model has "
                                            f"{text['max_position_embeddings']}; lower --max-input-len/--max-new-tokens")
-        if limits.max_input_len <= manifest.model["num_visual_tokens"]:
+        from dyvte.families import family_named
+
+        fewest = family_named(manifest.model["family"]).min_visual_tokens(manifest.model["vision"])
+        if limits.max_input_len <= fewest:
             report.add("error", part.name, f"max_input_len {limits.max_input_len} leaves no room for text after "
-                                           f"{manifest.model['num_visual_tokens']} visual tokens")
+                                           f"{fewest} visual tokens (one image)")
 
 
 def lint_folder(manifest, trt_version: str = "10", limits: Limits | None = None) -> LintReport:

@@ -28,7 +28,7 @@ def _median_time(fn, runner, reps: int) -> float:
 def polygraphy_commands(manifest, text_tokens: int = 40, batch: int = 1) -> list[str]:
     """`polygraphy run` commands reproducing each part's profiled call (ONNX Runtime, and
     TensorRT plans when the folder has them)."""
-    V = manifest.model["num_visual_tokens"]
+    _, V = _image(manifest)
     T = V + text_tokens
     vocab = manifest.text["vocab_size"]
     plans = manifest.data.get("engines", {}).get("tensorrt", {}).get("parts", {})
@@ -74,11 +74,13 @@ def profile(engine_dir, backend: str = "auto", reps: int = 10, text_tokens: int 
 
     pipe = Pipeline.load(engine_dir, backend=backend)
     m, r = pipe.manifest, pipe.runner
-    V, D = m.model["num_visual_tokens"], m.text["hidden_size"]
+    inputs, V = _image(m)
+    D = m.text["hidden_size"]
     T = V + text_tokens
     g = torch.Generator().manual_seed(0)
     dev, dt = r.device, r.dtype
-    pixels = torch.randn(1, *m.model["image_shape"], generator=g).to(dev)
+    tiles = pipe.family.prepare(pipe.vision_meta, inputs).tiles
+    pixels = torch.randn(tiles.shape, generator=g).to(dev)
     ids = torch.randint(5, m.text["vocab_size"], (1, T), generator=g).to(dev)
     hidden = (torch.randn(1, T, D, generator=g) * 0.5).to(dev, dt)
     pos = torch.arange(T, device=dev)[None]
@@ -110,15 +112,17 @@ def profile(engine_dir, backend: str = "auto", reps: int = 10, text_tokens: int 
             parts["gate"] = _median_time(lambda: r.gate(hidden, tm, 0), r, reps)
         parts["head"] = _median_time(lambda: r.head(hidden[:, -1:]), r, reps)
         policy = policy or ("gate" if m.gate is not None else f"layer:{m.candidates[len(m.candidates) // 2]}")
-        ids_np, px_np = _prompt(pipe, T)
+        ids_np, vision = _prompt(pipe, T)
         e2e = {}
         for pol in ("never", policy):
-            runs = [pipe.generate_ids(ids_np, px_np, max_new_tokens=decode_tokens, policy=pol) for _ in range(reps + 1)][1:]
+            runs = [pipe.generate_ids(ids_np, **vision, max_new_tokens=decode_tokens, policy=pol)
+                    for _ in range(reps + 1)][1:]
             e2e[pol] = {
                 "prefill_s": statistics.median(x.timings["prefill_s"] for x in runs),
                 "decode_tokens_per_s": statistics.median(x.timings["decode_tokens_per_s"] for x in runs),
                 "exit_layer": runs[0].exit_layer,
-                "prefill_gflops": flops.prefill_flops(m.text, T, V, runs[0].exit_layer, flops.manifest_vision_flops(m)) / 1e9,
+                "prefill_gflops": flops.prefill_flops(m.text, T, V, runs[0].exit_layer,
+                                                      flops.manifest_vision_flops(m, runs[0].image_tiles)) / 1e9,
             }
     result = {"engine_dir": str(engine_dir), "backend": pipe.backend, "device": str(dev), "dtype": str(dt).split(".")[-1],
               "prompt_tokens": T, "visual_tokens": V, "reps": reps, "parts_s": parts, "end_to_end": e2e,
@@ -127,16 +131,25 @@ def profile(engine_dir, backend: str = "auto", reps: int = 10, text_tokens: int 
     return result
 
 
+def _image(manifest):
+    """(processor tensors, visual tokens) of one synthetic image of the folder's family."""
+    from dyvte.families import family_named
+
+    return family_named(manifest.model["family"]).example(manifest.model["vision"])
+
+
 def _prompt(pipe, T):
-    """A prompt of T tokens with one image (image tokens then text), as numpy arrays."""
+    """A prompt of T tokens with one image (image tokens then text): ids [1,T] and the image's
+    processor tensors, as numpy arrays."""
     import numpy as np
 
     m = pipe.manifest
-    V = m.model["num_visual_tokens"]
+    inputs, V = _image(m)
     rng = np.random.default_rng(0)
     ids = np.concatenate([[1], np.full(V, m.model["image_token_id"]), rng.integers(5, m.text["vocab_size"], T - V - 1)])
-    px = rng.standard_normal((1, *m.model["image_shape"])).astype(np.float32)
-    return ids[None].astype(np.int64), px
+    vision = {k: (rng.standard_normal(v.shape).astype(np.float32) if k == "pixel_values" else v.numpy())
+              for k, v in inputs.items()}
+    return ids[None].astype(np.int64), vision
 
 
 def format_profile(res: dict) -> str:

@@ -3,11 +3,12 @@
 Every part gets shape ranges (min, opt, max) per named axis; a decoder segment gets three
 profiles, one per way the dispatcher calls it (see runtime/backends/base.py MODES):
 
-    full    prefill of whole prompts:      seq in [V+1, max_input_len],  past = 0
+    full    prefill of whole prompts:      seq in [1, max_input_len],  past = 0
     text    prefill after an exit:         seq in [1, max_input_len - V], past = 0
     decode  one token with a cache:        seq = 1, past in [1, max_input_len + max_new_tokens - 1]
 
-(V = visual tokens per image; total = past + seq.) The lint checks these against the graphs,
+(V = the fewest visual tokens one image can become, from the model family; total = past + seq.
+The vision part's ``images`` axis counts tiles: up to max_batch x the family's tiles per image.) The lint checks these against the graphs,
 the TensorRT builder and runner use them.
 """
 
@@ -35,8 +36,12 @@ def _axes(lo: dict, opt: dict, hi: dict) -> dict:
 
 def part_profiles(manifest, part, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     """{profile name: {axis name: (min, opt, max)}} for one part."""
+    from dyvte.families import family_named
+
     B = limits.max_batch
-    V = int(manifest.model["num_visual_tokens"])
+    family, vmeta = family_named(manifest.model["family"]), manifest.model["vision"]
+    V = family.min_visual_tokens(vmeta)
+    tokens = int(vmeta["tokens_per_tile"])
     n_in = limits.max_input_len
     total = n_in + limits.max_new_tokens
     text_max = max(1, n_in - V)
@@ -44,19 +49,20 @@ def part_profiles(manifest, part, limits: Limits) -> dict[str, dict[str, tuple[i
     if part.kind == "segment":
         return {
             # full prefill starts at 1 token: prompts without an image also run in full mode
-            "full": {"batch": b, "seq": (1, min(n_in, V + 64), n_in), "past": (0, 0, 0),
-                     "total": (1, min(n_in, V + 64), n_in)},
+            "full": {"batch": b, "seq": (1, min(n_in, tokens + 64), n_in), "past": (0, 0, 0),
+                     "total": (1, min(n_in, tokens + 64), n_in)},
             "text": {"batch": b, "seq": (1, min(text_max, 64), text_max), "past": (0, 0, 0),
                      "total": (1, min(text_max, 64), text_max)},
             "decode": {"batch": b, "seq": (1, 1, 1), "past": (1, min(total - 1, n_in), total - 1),
                        "total": (2, min(total, n_in + 1), total)},
         }
     if part.kind == "vision":
-        return {"default": {"images": b}}
+        tiles = B * int(vmeta["max_tiles"])
+        return {"default": {"images": (1, min(tiles, int(vmeta["max_tiles"])), tiles)}}
     if part.kind == "embed":
-        return {"default": {"batch": b, "seq": (1, min(n_in, V + 64), n_in)}}
+        return {"default": {"batch": b, "seq": (1, min(n_in, tokens + 64), n_in)}}
     if part.kind == "gate":
-        return {"default": {"batch": b, "seq": (1, min(n_in, V + 64), n_in)}}
+        return {"default": {"batch": b, "seq": (1, min(n_in, tokens + 64), n_in)}}
     if part.kind == "head":
         return {"default": {"batch": b, "seq": (1, 1, 1)}}
     raise ValueError(part.kind)

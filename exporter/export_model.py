@@ -42,6 +42,7 @@ from .modules import GateBank
 from .validate import validate
 
 STATE_NAME = "export-state.json"
+VISION_EXTRAS = "vision_extras.safetensors"
 
 
 @dataclass
@@ -225,7 +226,10 @@ def _torch_runner(part, path: Path, aliases: dict, unused, spec, config, dtype: 
 
     tdt = getattr(torch, dtype)
     gate = part.kind == "gate"
-    module = materialize(part_builder(part.kind, part.info, spec, config, torch.float32 if gate else tdt),
+    from dyvte.families import family_for_config
+
+    build = part_builder(part.kind, part.info, spec, family_for_config(config), config, torch.float32 if gate else tdt)
+    module = materialize(build,
                          onnx_source(path, aliases, unused), "cpu", torch.float32 if gate else tdt)
 
     def run(feeds):
@@ -237,7 +241,7 @@ def _torch_runner(part, path: Path, aliases: dict, unused, spec, config, dtype: 
 
 
 def export(settings: ExportSettings) -> Path:
-    """Export a LLaVA checkpoint to an engine folder; returns the folder path."""
+    """Export a VLM checkpoint to an engine folder; returns the folder path."""
     from tqdm.auto import tqdm
 
     from dyvte.models import load_config, locate_model
@@ -254,10 +258,14 @@ def export(settings: ExportSettings) -> Path:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     _check_out(out, settings.overwrite)
 
+    from dyvte.families import family_for_config
+
     model_dir = locate_model(settings.model)
     config = load_config(model_dir)
-    L = config.text_config.num_hidden_layers
-    max_pos = config.text_config.max_position_embeddings
+    family = family_for_config(config)
+    text_config = family.text_config(config)
+    L = text_config.num_hidden_layers
+    max_pos = text_config.max_position_embeddings
     max_new = settings.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, max_pos // 4)
     max_input = settings.max_input_len or min(DEFAULT_MAX_INPUT_LEN, max_pos - max_new)
     if max_input + max_new > max_pos:
@@ -275,7 +283,7 @@ def export(settings: ExportSettings) -> Path:
     if gates_path is not None:
         from dyvte.gates import load_gates
 
-        gates = load_gates(gates_path, candidates, config.text_config.hidden_size)
+        gates = load_gates(gates_path, candidates, text_config.hidden_size)
 
     staging = out.with_name(out.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
@@ -313,14 +321,10 @@ def export(settings: ExportSettings) -> Path:
                 continue
             bar.set_postfix_str(name)
             if name == "vision":
-                module = hf.vision_from_hf(model, tdt)
-                shape = hf.image_shape(processor, config)
-                with torch.no_grad():
-                    n_vis = module(torch.zeros(1, *shape)).shape[1]
-                part = P.vision_part(module, shape, n_vis, spec.hidden_size, settings.dtype)
-                vision_meta = {"image_shape": list(shape), "num_visual_tokens": int(n_vis),
-                               "vision_layers": int(module.tower.config.num_hidden_layers),
-                               "feature_layers": module.feature_layers}
+                module = family.vision_from_hf(model, tdt)
+                vision_meta = family.vision_meta(config, processor, module)
+                part = P.vision_part(module, vision_meta["tile_shape"], vision_meta["tokens_per_tile"],
+                                     spec.hidden_size, settings.dtype)
             elif name == "embed":
                 part = P.embed_part(hf.embed_from_hf(model, spec, tdt), settings.dtype)
             elif name == "head":
@@ -356,8 +360,18 @@ def export(settings: ExportSettings) -> Path:
                 },
                 "max_abs_err": err,
             }
-            if vision_meta and name == "vision":
+            if name == "vision":
                 rec["vision"] = vision_meta
+                extras = {k: v.detach().float().contiguous() for k, v in family.vision_extras(model).items()}
+                if extras:  # e.g. LLaVA-NeXT's image_newline, used when packing tile features
+                    from safetensors.torch import save
+
+                    from dyvte.engines.files import write_atomic
+
+                    write_atomic(staging / VISION_EXTRAS, save(extras))
+                    rec["files"].update(_file_meta(staging, [staging / VISION_EXTRAS]))
+                else:
+                    (staging / VISION_EXTRAS).unlink(missing_ok=True)
             rec["text"] = spec.to_dict()
             state.record(name, rec)
             records[name] = rec
@@ -392,14 +406,15 @@ def export(settings: ExportSettings) -> Path:
         "model": {
             "source": str(settings.model) if settings.model else "dyvte demo model (embedded)",
             "fingerprint": _model_fingerprint(model_dir),
+            "family": family.name,
             "model_type": config.model_type,
-            "text_model_type": config.text_config.model_type,
+            "text_model_type": text_config.model_type,
             "vision_model_type": config.vision_config.model_type,
-            "image_token_id": int(config.image_token_id),
-            "pad_token_id": _pad_id(config, processor),
-            "eos_token_ids": _eos_ids(model_dir, config),
-            "vision_feature_select_strategy": config.vision_feature_select_strategy,
-            **vision,
+            "image_token_id": family.image_token_id(config),
+            "pad_token_id": _pad_id(text_config, processor),
+            "eos_token_ids": _eos_ids(model_dir, text_config),
+            "vision": vision,
+            "vision_extras": VISION_EXTRAS if (staging / VISION_EXTRAS).is_file() else None,
         },
         "text": text,
         "candidates": candidates,
@@ -433,14 +448,14 @@ def export(settings: ExportSettings) -> Path:
     return out
 
 
-def _pad_id(config, processor) -> int:
+def _pad_id(text_config, processor) -> int:
     pad = getattr(processor.tokenizer, "pad_token_id", None)
     if pad is None:
-        pad = config.text_config.pad_token_id
+        pad = text_config.pad_token_id
     return int(pad if pad is not None else 0)
 
 
-def _eos_ids(model_dir: Path, config) -> list[int]:
+def _eos_ids(model_dir: Path, text_config) -> list[int]:
     eos = None
     gen = model_dir / "generation_config.json"
     if gen.is_file():
@@ -449,7 +464,7 @@ def _eos_ids(model_dir: Path, config) -> list[int]:
         except ValueError:
             eos = None
     if eos is None:
-        eos = config.text_config.eos_token_id
+        eos = text_config.eos_token_id
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]

@@ -1,14 +1,13 @@
-"""Build dyvte's modules from a loaded Hugging Face LLaVA (weights copied by name)."""
+"""Build dyvte's text-side modules from a loaded Hugging Face VLM (weights copied by name); the
+vision side is the model family's (:mod:`dyvte.families`)."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
 from dyvte.errors import UnsupportedModelError
 
-from .modules import DecoderSegment, Embed, Head, TextSpec, VisionEncoder, layer_state_from_hf
+from .modules import DecoderSegment, Embed, Head, TextSpec, layer_state_from_hf
 
 _LAYER_PARTS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -16,14 +15,21 @@ _LAYER_PARTS = (
 )
 
 
+def family_of(model):
+    """The model family adapter of a loaded HF model."""
+    from dyvte.families import family_for_config
+
+    return family_for_config(model.config)
+
+
 def text_model(model):
     """The HF text decoder (LlamaModel-like: embed_tokens, layers, norm, rotary_emb)."""
-    return model.model.language_model
+    return family_of(model).language_model(model)
 
 
 def text_spec(model) -> TextSpec:
     """Read the decoder's shape from the HF model, refusing what we do not re-implement."""
-    cfg = model.config.text_config
+    cfg = family_of(model).text_config(model.config)
     lm = text_model(model)
     layer = lm.layers[0]
     names = {n for n, _ in layer.named_modules()}
@@ -55,7 +61,7 @@ def text_spec(model) -> TextSpec:
         num_kv_heads=cfg.num_key_value_heads,
         head_dim=head_dim,
         intermediate_size=cfg.intermediate_size,
-        vocab_size=model.lm_head.out_features,
+        vocab_size=family_of(model).lm_head(model).out_features,
         rms_norm_eps=float(layer.input_layernorm.variance_epsilon),
         hidden_act=cfg.hidden_act,
         rope_dim=2 * rope.inv_freq.numel(),
@@ -93,72 +99,5 @@ def embed_from_hf(model, spec: TextSpec, dtype: torch.dtype) -> Embed:
 def head_from_hf(model, spec: TextSpec, dtype: torch.dtype) -> Head:
     head = Head(spec)
     head.norm.load_state_dict(text_model(model).norm.state_dict())
-    head.lm_head.load_state_dict(model.lm_head.state_dict())
+    head.lm_head.load_state_dict(family_of(model).lm_head(model).state_dict())
     return head.to(dtype).eval()
-
-
-def vision_layout(config) -> tuple[list[int], int]:
-    """Absolute hidden-state indices the features come from, and how many tower layers that needs."""
-    n = config.vision_config.num_hidden_layers
-    layers = config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    absolute = [(i if i >= 0 else n + 1 + i) for i in layers]
-    if any(not 0 <= i <= n for i in absolute):
-        raise UnsupportedModelError(f"vision_feature_layer {config.vision_feature_layer} is out of range for {n} layers")
-    return absolute, max(absolute)
-
-
-VISION_ATTENTION = "dyvte_eager_fp32"
-
-
-def _eager_fp32_softmax(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """HF eager attention with an explicit float32 softmax.
-
-    HF's eager functions ask softmax for float32 through its ``dtype`` argument, which the
-    TorchScript ONNX exporter drops; an explicit cast survives export, so fp16/bf16 vision
-    graphs keep softmax in float32 like the decoder segments do.
-    """
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = torch.softmax(weights.float(), dim=-1).to(query.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-def build_vision_encoder(config, dtype: torch.dtype, device="cpu") -> VisionEncoder:
-    """An (untrained) vision encoder truncated to the layers the features need."""
-    from transformers import AttentionInterface, AutoModel
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-    AttentionInterface.register(VISION_ATTENTION, _eager_fp32_softmax)
-    feature_layers, needed = vision_layout(config)
-    vcfg = copy.deepcopy(config.vision_config)
-    if needed < vcfg.num_hidden_layers:
-        vcfg.num_hidden_layers = needed
-        vcfg.tie_last_hidden_states = False  # layer `needed` is a raw layer output in the full tower
-    with torch.device(device):
-        tower = AutoModel.from_config(vcfg, attn_implementation=VISION_ATTENTION)
-        projector = LlavaMultiModalProjector(config)
-    enc = VisionEncoder(tower, projector, feature_layers, config.vision_feature_select_strategy)
-    return enc.to(dtype).eval()
-
-
-def vision_from_hf(model, dtype: torch.dtype) -> VisionEncoder:
-    enc = build_vision_encoder(model.config, dtype)
-    src = model.model.vision_tower.state_dict()
-    missing, _ = enc.tower.load_state_dict(src, strict=False)
-    if missing:
-        raise UnsupportedModelError(f"vision tower weights missing after truncation: {missing[:3]}")
-    enc.projector.load_state_dict(model.model.multi_modal_projector.state_dict())
-    return enc.to(dtype).eval()
-
-
-def image_shape(processor, config) -> tuple[int, int, int]:
-    """(C, H, W) of pixel_values the processor produces."""
-    ip = processor.image_processor
-    crop = getattr(ip, "crop_size", None)
-    if getattr(ip, "do_center_crop", False) and crop:
-        return (config.vision_config.num_channels, int(crop["height"]), int(crop["width"]))
-    size = config.vision_config.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (config.vision_config.num_channels, int(size[0]), int(size[1]))

@@ -72,6 +72,27 @@ def _f32(module):
     return module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
 
 
+def _f32_view(model, paths):
+    """A shallow copy of ``model`` whose submodules/parameters at ``paths`` ("model.vision_tower")
+    are float32 copies: the vision side's reference in float32, the original untouched."""
+    view = copy.copy(model)
+    for path in paths:
+        parent, names = view, path.split(".")
+        for name in names[:-1]:  # copy the chain of parents so the original keeps its children
+            child = copy.copy(getattr(parent, name))
+            child._modules, child._parameters = dict(child._modules), dict(child._parameters)
+            if parent is view:
+                view._modules = dict(view._modules)
+            parent._modules[name] = child
+            parent = child
+        leaf = getattr(parent, names[-1])
+        if isinstance(leaf, torch.nn.Parameter):
+            parent._parameters[names[-1]] = torch.nn.Parameter(leaf.detach().float(), requires_grad=False)
+        else:
+            parent._modules[names[-1]] = _f32(leaf)
+    return view
+
+
 def _segment_cases(spec, dtype, max_position: int):
     g = torch.Generator().manual_seed(0)
     d = spec.hidden_size
@@ -156,13 +177,9 @@ def validate(part, session_run, model, dtype: str, gates: dict | None = None, ma
             ref = _f32(model.lm_head)(_f32(hf.text_model(model).norm)(hidden.float()))
             return compare(part.name, "logits", session_run({"hidden_states": hidden})[0], ref, dtype)
         if part.kind == "vision":
+            family = hf.family_of(model)
             pixels = torch.randn(2, *part.inputs[0].shape[1:], generator=g)
-            llava = copy.copy(model.model)  # float32 view of the vision side, original untouched
-            llava._modules = dict(llava._modules)
-            llava.vision_tower = _f32(model.model.vision_tower)
-            llava.multi_modal_projector = _f32(model.model.multi_modal_projector)
-            feats = llava.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-            ref = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+            ref = family.hf_tile_features(_f32_view(model, family.vision_paths), pixels)
             return compare(part.name, "image_features", session_run({"pixel_values": pixels})[0], ref, dtype)
         if part.kind == "gate":
             d = part.module.fc1.shape[2] // 2

@@ -95,7 +95,7 @@ class Batch:
     visual: torch.Tensor
     text_mask: torch.Tensor
     lengths: torch.Tensor  # real prompt lengths
-    pixel_values: torch.Tensor | None  # [N,3,H,W] in prompt order
+    visions: list  # per row: dyvte.families.Vision (tiles to encode, packing) or None
     exitable: torch.Tensor  # bool: visual tokens with text after them (see module docstring)
 
 
@@ -109,7 +109,7 @@ class Generation:
     timings: dict = field(default_factory=dict)
 
 
-def make_batch(prompts: list[torch.Tensor], pixel_values, image_token_id: int, device) -> Batch:
+def make_batch(prompts: list[torch.Tensor], visions: list, image_token_id: int, device) -> Batch:
     """Left-pad 1-D id tensors; mark visual positions and the gate's text tokens."""
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, T, dtype=torch.int64)
@@ -123,18 +123,44 @@ def make_batch(prompts: list[torch.Tensor], pixel_values, image_token_id: int, d
     text_mask = ((cols[None] > last_visual[:, None]) & (cols[None] < T - 1) & mask.bool()).long()
     exitable = (last_visual >= 0) & (last_visual < T - 1)  # [B]: an image, and text after it
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-    pv = pixel_values.to(device) if pixel_values is not None else None
-    return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device), pv,
-                 exitable.to(device))
+    return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device),
+                 list(visions), exitable.to(device))
 
 
 class Dispatcher:
     """Runs one engine folder's parts through a :class:`Runner` with DyVTE exits."""
 
     def __init__(self, runner, manifest):
+        from dyvte.families import family_named
+
         self.runner, self.manifest = runner, manifest
         self.segments = [p.layers for p in manifest.segments]
         self.gate_index = {k: i for i, k in enumerate(manifest.gate_layers)}
+        self.family = family_named(manifest.model["family"])
+        self._extras = None
+
+    def extras(self) -> dict:
+        """The family's packing tensors from the folder (e.g. LLaVA-NeXT's image_newline), on the device."""
+        if self._extras is None:
+            rel = self.manifest.model.get("vision_extras")
+            self._extras = {}
+            if rel:
+                from safetensors.torch import load_file
+
+                self._extras = {k: v.to(self.runner.device) for k, v in load_file(str(self.manifest.path(rel))).items()}
+        return self._extras
+
+    def visual_features(self, visions: list):
+        """Features [n,D] of every row's visual tokens, in prompt order: one vision call for all
+        tiles of the batch, then each row's packing."""
+        visions = [v for v in visions if v is not None]
+        feats = self.runner.vision(torch.cat([v.tiles for v in visions]))  # [t,V,D]
+        meta, extras = self.manifest.model["vision"], self.extras()
+        out, at = [], 0
+        for v in visions:
+            out.append(self.family.pack(meta, feats[at: at + len(v.tiles)], v, extras))
+            at += len(v.tiles)
+        return torch.cat(out)
 
     # -- prefill -----------------------------------------------------------------------------
     def _exits(self, boundary: int, g: Group, exitable: torch.Tensor, policy: Policy, threshold: float,
@@ -169,8 +195,7 @@ class Dispatcher:
         t0 = time.perf_counter()
         skip_vision = policy.layer == 0 and bool(batch.exitable[batch.visual.any(1)].all())  # all dropped at 0
         if batch.visual.any() and not skip_vision:
-            feats = runner.vision(batch.pixel_values)  # [N,V,D]
-            hidden[batch.visual] = feats.reshape(-1, feats.shape[-1]).to(hidden.dtype)
+            hidden[batch.visual] = self.visual_features(batch.visions).to(hidden.dtype)
         runner.synchronize()
         vision_s = time.perf_counter() - t0
         positions = (batch.mask.cumsum(1) - 1).clamp(min=0)

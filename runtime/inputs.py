@@ -39,30 +39,39 @@ def format_prompt(processor, prompt: str) -> str:
     return f"USER: {image_token}\n{prompt} ASSISTANT:"  # LLaVA-1.5's format
 
 
-def encode(processor, image, prompt: str):
-    """(input_ids [T] int64, pixel_values [N,3,H,W] float32) for one image + prompt."""
+def _outputs(out, images: bool):
+    """Processor outputs -> (input_ids [T] int64, the vision tensors under their HF names or None)."""
     import numpy as np
     import torch
 
+    ids = torch.from_numpy(np.asarray(out["input_ids"][0], dtype=np.int64))
+    if not images:
+        return ids, None
+    vision = {}
+    for k, v in out.items():
+        if k in ("input_ids", "attention_mask", "token_type_ids") or v is None:
+            continue
+        arr = np.asarray(v)
+        vision[k] = torch.from_numpy(arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64))
+    return ids, vision
+
+
+def encode(processor, image, prompt: str):
+    """(input_ids [T] int64, vision tensors {pixel_values, ...}) for one image + prompt; the
+    vision tensors are what the processor returns besides the ids, under their HF names."""
     img = load_image(image)
     text = format_prompt(processor, prompt)
     n_images = text.count(getattr(processor, "image_token", "<image>"))
     if n_images != 1:
         raise InputError(f"the prompt holds {n_images} image placeholders; pass exactly one with one image")
-    out = processor(images=[img], text=[text], return_tensors="np")
-    ids = torch.from_numpy(np.asarray(out["input_ids"][0], dtype=np.int64))
-    pixels = torch.from_numpy(np.asarray(out["pixel_values"], dtype=np.float32))
-    return ids, pixels
+    return _outputs(processor(images=[img], text=[text], return_tensors="np"), True)
 
 
 def encode_messages(processor, messages: list):
-    """(input_ids [T] int64, pixel_values [N,3,H,W] float32 or None) for a chat in the model's
+    """(input_ids [T] int64, vision tensors or None: see :func:`encode`) for a chat in the model's
     template. ``messages``: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]``
     with parts ``{"type": "text", "text": str}`` or ``{"type": "image", "image": path | PIL image}``;
     images are used in order of appearance."""
-    import numpy as np
-    import torch
-
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InputError("messages must be a non-empty list of {role, content} objects")
     images, chat = [], []
@@ -89,7 +98,4 @@ def encode_messages(processor, messages: list):
     if not getattr(processor, "chat_template", None):
         raise InputError("this engine folder's processor has no chat template; pass token ids to generate_ids instead")
     text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    out = processor(images=images or None, text=[text], return_tensors="np")
-    ids = torch.from_numpy(np.asarray(out["input_ids"][0], dtype=np.int64))
-    pixels = torch.from_numpy(np.asarray(out["pixel_values"], dtype=np.float32)) if images else None
-    return ids, pixels
+    return _outputs(processor(images=images or None, text=[text], return_tensors="np"), bool(images))

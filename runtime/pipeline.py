@@ -26,14 +26,26 @@ from .sampling import SamplingParams
 
 @dataclass
 class Request:
-    """One prompt to answer: token ids [T] int64 (torch), its images' pixel values [N,3,H,W]
-    float32 (None without images), how many tokens to generate at most (None: the default) and
-    how to sample them."""
+    """One prompt to answer: token ids [T] int64 (torch), its images' pixel values (None without
+    images; the shape is the family's, e.g. [N,3,H,W] for LLaVA-1.5), how many tokens to generate
+    at most (None: the default), how to sample them, and the other tensors the family's processor
+    returns for the images, under their HF names (``image_sizes``, ...)."""
 
     input_ids: object
     pixel_values: object = None
     max_new_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    extra: dict = field(default_factory=dict)
+
+    def vision_inputs(self) -> dict | None:
+        if self.pixel_values is None:
+            return None
+        return {"pixel_values": self.pixel_values, **self.extra}
+
+
+def _request(ids, vision: dict | None, max_new_tokens, sampling) -> Request:
+    vision = dict(vision or {})
+    return Request(ids, vision.pop("pixel_values", None), max_new_tokens, sampling, vision)
 
 
 @dataclass
@@ -50,6 +62,8 @@ class Result:
     finish_reason: str = "length"  # "eos" | "length"
     prompt_tokens: int = 0
     policy: str = ""
+    visual_tokens: int = 0  # of the prompt (the family's count for its images)
+    image_tiles: int = 0  # tiles the vision part encoded (FLOPs)
 
     def to_dict(self) -> dict:
         return {
@@ -60,6 +74,7 @@ class Result:
             "gate_probs": {str(k): v for k, v in self.gate_probs.items()},
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
+            "visual_tokens": self.visual_tokens,
             "timings": self.timings,
         }
 
@@ -70,7 +85,11 @@ class Pipeline:
     def __init__(self, manifest: Manifest, runner, processor=None):
         from .dispatch import Dispatcher
 
+        from dyvte.families import family_named
+
         self.manifest, self.runner, self.processor = manifest, runner, processor
+        self.family = family_named(manifest.model["family"])
+        self.vision_meta = manifest.model["vision"]
         self.dispatcher = Dispatcher(runner, manifest)
         self._lock = threading.RLock()  # one batch at a time through the runner (its caches, contexts)
         self._encode_lock = threading.Lock()  # HF processors/tokenizers are not thread-safe
@@ -119,8 +138,8 @@ class Pipeline:
         from .inputs import encode
 
         with self._encode_lock:
-            ids, pixels = encode(self.processor, image, prompt)
-        return Request(ids, pixels, max_new_tokens, SamplingParams(temperature, top_p, seed))
+            ids, vision = encode(self.processor, image, prompt)
+        return _request(ids, vision, max_new_tokens, SamplingParams(temperature, top_p, seed))
 
     def encode_chat(self, messages: list, max_new_tokens: int | None = None, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None) -> Request:
@@ -129,8 +148,8 @@ class Pipeline:
         from .inputs import encode_messages
 
         with self._encode_lock:
-            ids, pixels = encode_messages(self.processor, messages)
-        return Request(ids, pixels, max_new_tokens, SamplingParams(temperature, top_p, seed))
+            ids, vision = encode_messages(self.processor, messages)
+        return _request(ids, vision, max_new_tokens, SamplingParams(temperature, top_p, seed))
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated token ids (special tokens skipped)."""
@@ -159,8 +178,10 @@ class Pipeline:
     def generate_ids(self, input_ids, pixel_values=None, attention_mask=None,
                      max_new_tokens: int | None = None, policy: str | None = "auto",
                      gate_threshold: float = DEFAULT_GATE_THRESHOLD, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int | None = None, return_logits: bool = False):
-        """Generate from token ids [B,T] int64 and pixel values [N,3,H,W] float32 (numpy or torch).
+                     seed: int | None = None, return_logits: bool = False, **processor_outputs):
+        """Generate from token ids [B,T] int64 and the images' pixel values (numpy or torch; the
+        family's processor layout, e.g. [N,3,H,W] float32 for LLaVA-1.5), plus the other tensors
+        the family's processor returns under their HF names (``image_sizes`` for LLaVA-NeXT, ...).
 
         ``attention_mask`` [B,T] marks real tokens when rows are padded. Returns one
         :class:`Result` for B = 1, else a list.
@@ -179,56 +200,34 @@ class Pipeline:
             prompts = [row[m] for row, m in zip(ids, mask)]
         else:
             prompts = list(ids)
-        pixels = None
+        unknown = sorted(set(processor_outputs) - set(self.family.processor_inputs))
+        if unknown:
+            raise InputError(f"{', '.join(unknown)}: not an input of {self.family.hf_class} (it takes "
+                             f"{', '.join(self.family.processor_inputs)})")
+        inputs = None
         if pixel_values is not None:
-            pixels = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32))
-        per_prompt = self._split_images(prompts, pixels)
+            inputs = {"pixel_values": pixel_values, **{k: v for k, v in processor_outputs.items() if v is not None}}
+        image_id = self.manifest.model["image_token_id"]
+        per_prompt = self.family.split(self.vision_meta, inputs, [int((p == image_id).sum()) for p in prompts])
         sampling = SamplingParams(temperature, top_p, seed)
-        requests = [Request(p, px, max_new_tokens, sampling) for p, px in zip(prompts, per_prompt)]
+        requests = [_request(p, v, max_new_tokens, sampling) for p, v in zip(prompts, per_prompt)]
         results = self.run(requests, policy, gate_threshold, return_logits)
         return results[0] if len(results) == 1 else results
 
-    def _split_images(self, prompts, pixels) -> list:
-        """Pixel values [N,3,H,W] of a whole batch -> per prompt (by its image placeholders)."""
-        shape = tuple(self.manifest.model["image_shape"])
-        counts = [self._image_count(i, p) for i, p in enumerate(prompts)]
-        n_images = sum(counts)
-        if n_images == 0:
-            if pixels is not None and len(pixels):
-                raise InputError(f"got {len(pixels)} images but the prompts hold no image tokens")
-            return [None] * len(prompts)
-        if pixels is None or pixels.ndim != 4 or tuple(pixels.shape[1:]) != shape or len(pixels) != n_images:
-            got = "none" if pixels is None else tuple(pixels.shape)
-            raise InputError(f"the prompts need pixel_values of shape [{n_images}, {', '.join(map(str, shape))}], "
-                             f"got {got}; preprocess images with the folder's processor")
-        out, at = [], 0
-        for c in counts:
-            out.append(pixels[at: at + c] if c else None)
-            at += c
-        return out
-
-    def _image_count(self, i: int, ids) -> int:
-        """Images in prompt ``i`` (its image placeholders / visual tokens per image)."""
-        n_vis = self.manifest.model["num_visual_tokens"]
-        n_img_tok = int((ids == self.manifest.model["image_token_id"]).sum())
-        if n_img_tok % n_vis:
-            raise InputError(f"prompt {i} has {n_img_tok} image tokens, not a multiple of the model's {n_vis} "
-                             "visual tokens per image; build prompts with the folder's processor")
-        return n_img_tok // n_vis
-
-    def _check(self, requests: list[Request]) -> list[int]:
-        """Validate a batch against the runner's limits; returns each request's max_new_tokens."""
+    def _check(self, requests: list[Request]) -> tuple[list[int], list]:
+        """Validate a batch against the runner's limits; returns each request's max_new_tokens and
+        its checked images (:class:`dyvte.families.Vision` or None)."""
         import torch
 
         m, lim = self.manifest, self.runner.limits
         image_id = m.model["image_token_id"]
-        vocab, shape = m.text["vocab_size"], tuple(m.model["image_shape"])
+        vocab = m.text["vocab_size"]
         if not requests:
             raise InputError("no prompts given")
         if len(requests) > lim["max_batch"]:
             raise InputError(f"batch of {len(requests)} exceeds this engine folder's limit of {lim['max_batch']} "
                              f"(backend {self.backend}); split the batch or re-export/rebuild with --max-batch")
-        max_new = []
+        max_new, visions = [], []
         for i, r in enumerate(requests):
             p = r.input_ids
             n_new = r.max_new_tokens
@@ -247,19 +246,20 @@ class Pipeline:
             if len(p) + n_new > m.text["max_position_embeddings"]:
                 raise InputError(f"prompt {i} ({len(p)} tokens) + {n_new} new tokens exceeds the model's "
                                  f"{m.text['max_position_embeddings']} positions; shorten the prompt or lower max_new_tokens")
-            n_img = self._image_count(i, p)
             other = p[p != image_id]
             if len(other) and (int(other.min()) < 0 or int(other.max()) >= vocab):
                 raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-            px = r.pixel_values
-            if n_img == 0 and px is not None and len(px):
-                raise InputError(f"prompt {i} got {len(px)} images but holds no image tokens")
-            if n_img and (px is None or px.ndim != 4 or tuple(px.shape[1:]) != shape or len(px) != n_img):
-                got = "none" if px is None else tuple(px.shape)
-                raise InputError(f"prompt {i} needs pixel_values of shape [{n_img}, {', '.join(map(str, shape))}], "
-                                 f"got {got}; preprocess images with the folder's processor")
+            n_tok = int((p == image_id).sum())
+            vision = self.family.prepare(self.vision_meta, r.vision_inputs(), i)
+            got = vision.tokens if vision is not None else 0
+            if got != n_tok:
+                what = (f"its {vision.images} image(s) give {got} visual tokens" if vision is not None
+                        else "no images were given")
+                raise InputError(f"prompt {i} holds {n_tok} image tokens but {what}; build prompt and images with "
+                                 "the folder's processor")
             max_new.append(n_new)
-        return max_new
+            visions.append(vision)
+        return max_new, visions
 
     def run(self, requests: list[Request], policy: str | None = "auto", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
             return_logits: bool = False, on_step=None) -> list:
@@ -270,8 +270,6 @@ class Pipeline:
         (see :meth:`Dispatcher.generate`); it may return rows to stop (finish reason "stop").
         Thread-safe: concurrent calls run one after another.
         """
-        import torch
-
         from .dispatch import make_batch
         from .sampling import Sampler
 
@@ -279,11 +277,9 @@ class Pipeline:
         with self._lock:
             if self.runner is None:
                 raise InputError("this Pipeline is closed; load the engine folder again")
-            max_new = self._check(requests)
+            max_new, visions = self._check(requests)
             runner = self.runner
-            images = [r.pixel_values for r in requests if r.pixel_values is not None]
-            pixels = torch.cat(images).float() if images else None
-            batch = make_batch([r.input_ids.long() for r in requests], pixels, self.manifest.model["image_token_id"],
+            batch = make_batch([r.input_ids.long() for r in requests], visions, self.manifest.model["image_token_id"],
                                runner.device)
             sampler = Sampler([r.sampling for r in requests], device=runner.device)
             gen = self.dispatcher.generate(batch, pol, gate_threshold, max_new, sampler,
@@ -293,7 +289,8 @@ class Pipeline:
                 text = self.decode(toks)
                 logits = gen.logits[i].numpy() if return_logits else None
                 results.append(Result(text.strip(), toks, gen.exit_layers[i], logits, dict(gen.timings),
-                                      gen.gate_probs[i], gen.finish[i], len(requests[i].input_ids), pol.name))
+                                      gen.gate_probs[i], gen.finish[i], len(requests[i].input_ids), pol.name,
+                                      visions[i].tokens if visions[i] else 0, len(visions[i].tiles) if visions[i] else 0))
         return results
 
     def close(self) -> None:

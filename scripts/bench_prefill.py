@@ -84,8 +84,9 @@ def main(argv=None):
     from PIL import Image
 
     image = Image.fromarray((np.random.RandomState(0).rand(336, 336, 3) * 255).astype("uint8"))
-    ids, pixels = encode(pipe.processor, image, PROMPT)
-    n_vis = pipe.manifest.model["num_visual_tokens"]
+    ids, vision = encode(pipe.processor, image, PROMPT)
+    pixels = vision["pixel_values"]
+    n_vis = pipe.manifest.model["vision"]["tokens_per_tile"]
     T = len(ids)
     ids_np, px_np = ids[None].numpy(), pixels.numpy()
     hf_ids, mask = ids[None], torch.ones(1, T, dtype=torch.long)

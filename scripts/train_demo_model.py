@@ -196,8 +196,9 @@ def main(argv=None):
     aligner = Aligner(processor.tokenizer)
     train = make_pool(TRAIN_SEED, args.train_samples, processor, n_vis, "train data", args.turns)
     held = make_pool(HELDOUT_SEED, args.eval_samples, processor, n_vis, "held-out data")
-    assert held[0][0] == Batcher(processor).encode(make_sample(HELDOUT_SEED, 0).question,
-                                                   make_sample(HELDOUT_SEED, 0).answer)[0], "tokenisation drifted"
+    first = make_sample(HELDOUT_SEED, 0)
+    assert held[0][0] == Batcher(processor, em.family).encode(first.question, first.answer, first.image)[0], \
+        "tokenisation drifted"
     ref = processor.image_processor([Image.fromarray(train[0][2])], return_tensors="pt")["pixel_values"]
     assert torch.allclose(collate(train[:1], processor, pad)[3], ref, atol=1e-5), "fast preprocessing drifted"
     embed = model.model.language_model.embed_tokens.weight

@@ -81,11 +81,16 @@ def test_wrong_pixel_shape_and_ids(llama, pipelines):
     pipe = pipelines(llama.engine_dir)
     from dyvte.runtime.inputs import encode
 
-    ids, pixels = encode(pipe.processor, make_image(0), "what ?")
-    with pytest.raises(InputError, match="pixel_values of shape"):
+    ids, vision = encode(pipe.processor, make_image(0), "what ?")
+    pixels = vision["pixel_values"]
+    with pytest.raises(InputError, match=r"pixel_values must have shape \[images, 3, 30, 30\], got \(1, 3, 16, 16\)"):
         pipe.generate_ids(ids[None].numpy(), np.zeros((1, 3, 16, 16), np.float32))
-    with pytest.raises(InputError, match="pixel_values of shape"):
+    with pytest.raises(InputError, match="no pixel_values were given"):
         pipe.generate_ids(ids[None].numpy(), None)
+    with pytest.raises(InputError, match="got 2 images but the prompts hold 1"):
+        pipe.generate_ids(ids[None].numpy(), np.concatenate([pixels.numpy()] * 2))
+    with pytest.raises(InputError, match="image_sizes: not an input of LlavaForConditionalGeneration"):
+        pipe.generate_ids(ids[None].numpy(), pixels.numpy(), image_sizes=np.array([[30, 30]]))
     bad = ids.clone()
     bad[-1] = 10_000
     with pytest.raises(InputError, match="vocabulary"):

@@ -20,7 +20,7 @@ def test_folder_contents(tiny):
     assert set(m.parts) == {"vision", "embed", "head", "gate", *(p.name for p in m.segments)}
     for name, v in m.data["validation"].items():
         assert v["max_abs_err"] is not None and v["max_abs_err"] < 1e-4, name
-    assert m.model["num_visual_tokens"] == tiny.spec.num_visual_tokens
+    assert m.model["family"] == "llava" and m.model["vision"]["tokens_per_tile"] == tiny.spec.num_visual_tokens
     assert (tiny.engine_dir / "gates.safetensors").is_file()
     assert not (tiny.engine_dir.parent / (tiny.engine_dir.name + ".partial")).exists()
     seg = m.segments[0]
@@ -173,7 +173,8 @@ def test_gate_hidden_sizes_may_differ(llama, tmp_path):
     pipe = Pipeline.load(out, backend="onnxruntime")
     from dyvte.runtime.inputs import encode
 
-    ids, pixels = encode(pipe.processor, make_image(0), "what color ?")
+    ids, vision = encode(pipe.processor, make_image(0), "what color ?")
+    pixels = vision["pixel_values"]
     _, probs = gate_exit(llama.hf, gates, [1, 2, 3], ids[None], pixels, threshold=1.1)
     res = pipe.generate_ids(ids[None].numpy(), pixels.numpy(), max_new_tokens=1, policy="gate", gate_threshold=1.1)
     for k in (1, 2, 3):

@@ -50,10 +50,12 @@ def test_labels_match_reference(trained, synth_model, synth_data):
     data, root = synth_data
     qa = records_to_qa(load_records(data), root, 8)
     proc = load_processor(synth_model.model_dir)
-    batcher = Batcher(proc)
+    from dyvte.families import family_named
+
+    batcher = Batcher(proc, family_named("llava"))
     hf = synth_model.hf
     for i, s in enumerate(qa):
-        ids, p = batcher.encode(s.question, s.answer)
+        ids, p, _ = batcher.encode(s.question, s.answer, load_image(s.image))
         ids = torch.tensor([ids])
         pixels = proc.image_processor([load_image(s.image)], return_tensors="pt")["pixel_values"]
         targets = ids[0, p:]  # answer tokens, predicted from positions p-1 .. T-2

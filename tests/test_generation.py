@@ -58,7 +58,9 @@ def test_generate_ids_with_padding_mask(llama, pipelines):
     from dyvte.runtime.inputs import encode
 
     ids_a, px_a = encode(pipe.processor, make_image(0), "what color ?")
+    px_a = px_a["pixel_values"]
     ids_b, px_b = encode(pipe.processor, make_image(1), "how many red squares are there ?")
+    px_b = px_b["pixel_values"]
     T = max(len(ids_a), len(ids_b))
     ids = np.zeros((2, T), np.int64)
     mask = np.zeros((2, T), np.int64)
@@ -116,6 +118,7 @@ def test_rows_that_cannot_exit(llama, pipelines):
     from dyvte.runtime.inputs import encode
 
     ids, px = encode(base.processor, make_image(0), "what color ?")
+    px = px["pixel_values"]
     for policy in ("gate", "layer:1", f"layer:{llama.candidates[-1]}", "layer:0", "never"):
         for prompt, pixels in ((no_image, None), (ends_with_image, px)):
             rec.calls.clear()

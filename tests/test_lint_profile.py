@@ -133,7 +133,7 @@ def test_polygraphy_commands_run(llama):
         shapes = c.split("--input-shapes ")[1].split(" --")[0].split("  #")[0].split()
         assert all(re.fullmatch(r"[\w.]+:\[(\d+(,\d+)*)?\]", s) for s in shapes), c
     full = next(c for c in cmds if c.endswith("segment_1 full"))
-    T = m.model["num_visual_tokens"] + 8
+    T = m.model["vision"]["tokens_per_tile"] + 8
     assert f"attention_mask:[1,{T}]" in full  # total = past + seq = 0 + prompt
     decode = next(c for c in cmds if c.endswith("segment_1 decode"))
     assert f"attention_mask:[1,{T + 1}]" in decode and f"past.1.key:[1,2,{T},16]" in decode

@@ -13,7 +13,8 @@ PROMPTS = ["what color is the circle ?", "how many red squares are there in the 
 def _inputs(pipe, seed=0, prompt=PROMPTS[0]):
     from dyvte.runtime.inputs import encode
 
-    ids, pixels = encode(pipe.processor, make_image(seed), prompt)
+    ids, vision = encode(pipe.processor, make_image(seed), prompt)
+    pixels = vision["pixel_values"]
     return ids[None], pixels
 
 

@@ -30,6 +30,7 @@ def test_vtw_kl_matches_reference_and_policy(engine, synth_model, synth_data):
     kl = {k: 0.0 for k in (1, 2, 3)}
     for s in records_to_qa(load_records(data), root, 4):
         ids, px = encode(pipe.processor, s.image, s.question)
+        px = px["pixel_values"]
         emb_ids = ids[None]
         from reference import _merged_embeddings
 

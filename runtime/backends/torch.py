@@ -85,9 +85,8 @@ def onnx_source(onnx_path, aliases: dict, unused=()):
     return get
 
 
-def part_builder(kind: str, info: dict, spec, hf_config, dtype):
+def part_builder(kind: str, info: dict, spec, family, hf_config, dtype):
     """A function building the (empty) module behind an exported part, for :func:`materialize`."""
-    from dyvte.exporter.hf import build_vision_encoder
     from dyvte.exporter.modules import DecoderSegment, Embed, GateBank, Head
 
     if kind == "segment":
@@ -99,7 +98,7 @@ def part_builder(kind: str, info: dict, spec, hf_config, dtype):
     if kind == "gate":
         return lambda: GateBank(len(info["layers"]), int(info["hidden"]), spec.hidden_size)
     if kind == "vision":
-        return lambda: build_vision_encoder(hf_config, dtype, device="meta")
+        return lambda: family.vision_encoder(hf_config, dtype, device="meta")
     raise EngineFolderError(f"unknown part kind '{kind}'; re-export the folder")
 
 
@@ -221,18 +220,18 @@ class TorchRunner(Runner):
         spec = TextSpec.from_dict(manifest.text)
         self.spec = spec
 
-        from transformers import LlavaConfig
+        from dyvte.families import family_named
+        from dyvte.models import config_from_dict
 
-        from dyvte.models import quiet_transformers
-
-        quiet_transformers()
+        family = family_named(manifest.model["family"])
         if hf_config is None:
-            hf_config = LlavaConfig.from_dict(json.loads(manifest.path(manifest.data["hf_config"]).read_text()))
+            hf_config = config_from_dict(json.loads(manifest.path(manifest.data["hf_config"]).read_text()))
 
         def load(part, dtype=self.dtype):
             source = (random_source(spec, self.device) if random_weights else
                       onnx_source(manifest.path(part.onnx), part.aliases, part.info.get("unused", ())))
-            return materialize(part_builder(part.kind, part.info, spec, hf_config, dtype), source, self.device, dtype)
+            return materialize(part_builder(part.kind, part.info, spec, family, hf_config, dtype), source, self.device,
+                               dtype)
 
         with self._on_device():
             self.segments = [load(p) for p in manifest.segments]

@@ -1,0 +1,144 @@
+"""The model-family adapter: everything dyvte needs to know about one VLM family, in one place.
+
+A family says how to read its Hugging Face checkpoint (class, config keys, where the text decoder
+and lm_head live), how to build and check its vision part (pixel tiles -> projected features per
+tile: the ``vision`` ONNX graph), how a request's processor outputs become tiles and how the
+features of those tiles pack into the prompt's visual tokens (at run time, from the manifest
+alone), and what the vision side costs in FLOPs. The exporter, runtime, gate training, VTW, eval,
+FLOPs, profile, lint and TensorRT profiles ask the family and never test a model type themselves.
+
+Adding a family = one module with a :class:`Family` subclass registered in ``families/__init__``,
+plus a tiny offline fixture in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dyvte.errors import InputError, UnsupportedModelError
+
+
+@dataclass
+class Vision:
+    """One request's images, checked against the folder: the tiles its vision part runs on and
+    how their features pack into the prompt's visual tokens."""
+
+    tiles: object  # [t, C, H, W] float32, the vision part's input
+    tokens: int  # visual tokens these images become in the prompt
+    images: int  # images
+    info: dict = field(default_factory=dict)  # family-specific packing facts (e.g. per-image sizes)
+
+
+class Family:
+    """Base class with what LLaVA-style families share; subclasses override what differs."""
+
+    name = "base"
+    model_types: tuple[str, ...] = ()  # HF config.model_type values this adapter serves
+    hf_class = ""  # transformers class of the checkpoint
+    presets: dict[str, str] = {}  # preset name -> Hugging Face repo id
+    text_models = ("llama", "mistral", "qwen2")  # decoder backbones dyvte re-implements
+    rope_rows = 1  # position-id rows per token (3 for M-RoPE)
+    processor_inputs: tuple[str, ...] = ("pixel_values",)  # HF processor tensors the vision side takes
+    vision_paths: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")  # HF vision modules
+
+    # -- checkpoint side ---------------------------------------------------------------------------
+    def text_config(self, config):
+        return config.text_config
+
+    def check_config(self, config) -> None:
+        """Refuse checkpoints of this family that dyvte cannot export."""
+        text = self.text_config(config)
+        if text.model_type not in self.text_models:
+            raise UnsupportedModelError(
+                f"text backbone '{text.model_type}' of this {self.hf_class} is not supported; supported: "
+                f"{', '.join(self.text_models)}"
+            )
+
+    def image_token_id(self, config) -> int:
+        return int(config.image_token_id)
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.hf_class)
+
+    def language_model(self, model):
+        """The HF text decoder (embed_tokens, layers, norm, rotary_emb)."""
+        return model.model.language_model
+
+    def lm_head(self, model):
+        return model.lm_head
+
+    def vision_encoder(self, config, dtype, device="cpu"):
+        """An (untrained) vision part: tiles [t,C,H,W] -> projected features [t,V,D]."""
+        raise NotImplementedError
+
+    def vision_from_hf(self, model, dtype):
+        """The vision part with the checkpoint's weights."""
+        raise NotImplementedError
+
+    def vision_meta(self, config, processor, module) -> dict:
+        """Facts the runtime needs about the vision side (stored in the manifest's ``model``):
+        at least ``tile_shape`` [C,H,W], ``tokens_per_tile``, ``max_tiles`` (per image)."""
+        raise NotImplementedError
+
+    def vision_extras(self, model) -> dict:
+        """Tensors the run-time packing needs besides the vision graph (saved in the folder)."""
+        return {}
+
+    def hf_tile_features(self, model, tiles):
+        """Reference features [t,V,D] of tiles by the HF model itself (export validation)."""
+        raise NotImplementedError
+
+    def hf_visual_features(self, model, inputs: dict):
+        """Visual-token features [n,D] of a batch's processor outputs by the HF model, in prompt
+        order (gate training, the exit reference)."""
+        raise NotImplementedError
+
+    def collate(self, inputs: list[dict]) -> dict:
+        """Processor outputs of several samples -> one batch the HF model takes."""
+        import torch
+
+        return {k: torch.cat([torch.as_tensor(x[k]) for x in inputs]) for k in inputs[0]}
+
+    # -- run time (from the manifest alone) --------------------------------------------------------
+    def split(self, meta: dict, inputs: dict, tokens: list[int]) -> list[dict | None]:
+        """Batch-level processor tensors -> per prompt, given each prompt's visual-token count."""
+        raise NotImplementedError
+
+    def prepare(self, meta: dict, inputs: dict | None, index: int = 0) -> Vision | None:
+        """Check one prompt's processor tensors; the tiles to encode and the tokens they give."""
+        raise NotImplementedError
+
+    def pack(self, meta: dict, features, vision: Vision, extras: dict):
+        """Features [t,V,D] of ``vision.tiles`` -> the prompt's visual tokens [vision.tokens, D]."""
+        return features.reshape(-1, features.shape[-1])
+
+    def min_visual_tokens(self, meta: dict) -> int:
+        """Fewest visual tokens one image can become (TensorRT text-profile bound)."""
+        return int(meta["tokens_per_tile"])
+
+    def example(self, meta: dict):
+        """(processor tensors, visual tokens) of one synthetic image (profiling)."""
+        import torch
+
+        return {"pixel_values": torch.zeros(1, *meta["tile_shape"])}, int(meta["tokens_per_tile"])
+
+    def vision_flops(self, meta: dict, vision_config: dict, text_dim: int, tiles: int) -> float:
+        """FLOPs of encoding ``tiles`` tiles (tower, projector)."""
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _pixels(inputs: dict | None, index: int, ndim: int):
+        import numpy as np
+        import torch
+
+        px = None if inputs is None else inputs.get("pixel_values")
+        if px is None:
+            return None
+        px = torch.as_tensor(np.asarray(px, dtype=np.float32)) if not isinstance(px, torch.Tensor) else px.float()
+        if px.ndim != ndim:
+            raise InputError(f"prompt {index}: pixel_values must have {ndim} dimensions, got shape {tuple(px.shape)}; "
+                             "preprocess images with the folder's processor")
+        return px

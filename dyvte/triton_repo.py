@@ -1,0 +1,266 @@
+"""``dyvte triton-repo``: a Triton Inference Server model repository serving an engine folder.
+
+    REPO/<name>/config.pbtxt   python backend, dynamic batching, instance group, parameters
+    REPO/<name>/1/model.py     the python-backend model (package data ``dyvte/assets/triton/model.py``)
+    REPO/<name>/1/engine/      the engine folder itself, with ``copy_engine`` (else an absolute path)
+
+The model takes PROMPT (BYTES [1]), an optional IMAGE (UINT8 [-1]: an encoded PNG/JPEG file) and
+an optional MAX_TOKENS (INT32 [1]); it returns TEXT (BYTES [1]), EXIT_LAYER (INT32 [1]), TIMINGS
+(BYTES [1], JSON) and DYVTE (BYTES [1], JSON: gate probabilities, policy, finish reason, token
+counts, batch size). Every batch Triton's dynamic batcher hands to the model runs as ONE
+``Pipeline.run`` call, in which each sample exits on its own. :class:`TritonModel` holds that
+logic on numpy arrays, so it is tested without Triton; ``model.py`` only converts tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyvte.errors import DyvteError, EngineFolderError, InputError
+
+KINDS = ("cpu", "gpu")
+INPUTS = (  # name, Triton type, dims, extra fields
+    ("PROMPT", "TYPE_STRING", "1", ""),
+    ("IMAGE", "TYPE_UINT8", "-1", "allow_ragged_batch: true\n    optional: true"),
+    ("MAX_TOKENS", "TYPE_INT32", "1", "optional: true"),
+)
+OUTPUTS = (("TEXT", "TYPE_STRING"), ("EXIT_LAYER", "TYPE_INT32"), ("TIMINGS", "TYPE_STRING"), ("DYVTE", "TYPE_STRING"))
+
+
+@dataclass
+class TritonRepoSettings:
+    """Options of ``dyvte triton-repo`` (one field per flag)."""
+
+    engine_dir: Path
+    out: Path
+    model_name: str = "dyvte"
+    backend: str = "auto"
+    kind: str = "cpu"  # instance_group kind: cpu (KIND_CPU) or gpu (KIND_GPU)
+    instances: int = 1  # instances per device
+    max_batch: int | None = None  # default: the folder's limit
+    max_queue_delay_us: int = 5000
+    policy: str = "auto"
+    gate_threshold: float = 0.5
+    env: Path | None = None  # EXECUTION_ENV_PATH: the Python environment the model runs in
+    copy_engine: bool = False
+    overwrite: bool = False
+
+
+def _q(text) -> str:
+    """A protobuf text-format string literal."""
+    return json.dumps(str(text))
+
+
+def config_pbtxt(name: str, max_batch: int, queue_delay_us: int, kind: str, instances: int, params: dict) -> str:
+    """The model's ``config.pbtxt``."""
+    inputs = ",\n".join(
+        f"  {{\n    name: {_q(n)}\n    data_type: {t}\n    dims: [ {d} ]" + (f"\n    {extra}" if extra else "") + "\n  }"
+        for n, t, d, extra in INPUTS)
+    outputs = ",\n".join(f"  {{\n    name: {_q(n)}\n    data_type: {t}\n    dims: [ 1 ]\n  }}" for n, t in OUTPUTS)
+    parameters = "\n".join(f"parameters: {{\n  key: {_q(k)}\n  value: {{ string_value: {_q(v)} }}\n}}"
+                           for k, v in params.items())
+    return (f"# written by dyvte triton-repo\nname: {_q(name)}\nbackend: \"python\"\nmax_batch_size: {max_batch}\n"
+            f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+            f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
+            f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_{kind.upper()}\n  }}\n]\n{parameters}\n")
+
+
+def write_triton_repo(s: TritonRepoSettings) -> Path:
+    """Write (or replace, with ``overwrite``) ``s.out/s.model_name``; returns that folder."""
+    from importlib.resources import files
+
+    from dyvte.engines.manifest import Manifest
+    from dyvte.runtime.policies import parse_policy
+
+    manifest = Manifest.load(s.engine_dir, verify="exists")
+    if s.policy == "auto":
+        parse_policy("gate" if manifest.gate is not None else "never", manifest)
+    else:
+        parse_policy(s.policy, manifest)
+    if s.kind not in KINDS:
+        raise InputError(f"kind must be cpu or gpu, got {s.kind!r}")
+    instance_backend(s.backend, s.kind.upper(), 0, manifest.dtype)  # refuses impossible combinations now
+    limit = int(manifest.data["limits"]["max_batch"])
+    max_batch = limit if s.max_batch is None else s.max_batch
+    if not 1 <= max_batch <= limit:
+        raise InputError(f"max batch must be in [1, {limit}] (the engine folder's limit), got {max_batch}")
+    if s.instances < 1 or s.max_queue_delay_us < 0:
+        raise InputError("instances must be >= 1 and the queue delay >= 0")
+    if not 0 < s.gate_threshold < 1:
+        raise InputError(f"gate threshold must be in (0, 1), got {s.gate_threshold}")
+    if not s.model_name or not all(c.isalnum() or c in "-_." for c in s.model_name):
+        raise InputError(f"model name {s.model_name!r}: use letters, digits, '-', '_' and '.'")
+    params = {"ENGINE_DIR": "engine" if s.copy_engine else str(Path(s.engine_dir).resolve()), "BACKEND": s.backend,
+              "POLICY": s.policy, "GATE_THRESHOLD": str(s.gate_threshold)}
+    if s.env is not None:
+        env = Path(s.env).resolve()
+        if not (env / "bin" / "activate").is_file():
+            raise InputError(f"--env {s.env} is not a Python environment (no bin/activate); make one with "
+                             "python -m venv and install dyvte into it (see the README's Triton section)")
+        params["EXECUTION_ENV_PATH"] = str(env)
+    model_dir = Path(s.out) / s.model_name
+    if model_dir.exists():
+        if not s.overwrite:
+            raise InputError(f"{model_dir} already exists; pass --overwrite to replace it")
+        shutil.rmtree(model_dir)
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(
+        config_pbtxt(s.model_name, max_batch, s.max_queue_delay_us, s.kind, s.instances, params))
+    (model_dir / "1" / "model.py").write_text((files("dyvte.assets") / "triton" / "model.py").read_text())
+    if s.copy_engine:
+        shutil.copytree(s.engine_dir, model_dir / "1" / "engine")
+    return model_dir
+
+
+def instance_backend(backend: str, kind: str, device_id: int, dtype: str = "float32") -> tuple[str, dict]:
+    """The Pipeline backend and its options for one Triton model instance (``kind`` CPU, GPU or
+    MODEL): KIND_GPU instances run torch or TensorRT on their own ``cuda:N``, KIND_CPU instances
+    ONNX Runtime (torch for bfloat16 folders) on the CPU."""
+    from dyvte.runtime.backends import BACKENDS
+
+    if backend not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+    if kind == "GPU":
+        if backend == "onnxruntime":
+            raise InputError("KIND_GPU instances run the torch or tensorrt backend (or auto); ONNX Runtime runs on CPU")
+        if backend == "auto":
+            from dyvte import features
+
+            backend = "tensorrt" if features.has_tensorrt() else "torch"
+        return backend, {"device": f"cuda:{device_id}"}
+    if kind == "CPU":
+        if backend == "tensorrt":
+            raise InputError("the tensorrt backend needs a GPU; use --kind gpu, or onnxruntime/torch on CPU")
+        if backend == "auto":
+            backend = "torch" if dtype == "bfloat16" else "onnxruntime"
+        return backend, ({"device": "cpu"} if backend == "torch" else {})
+    return backend, {}
+
+
+class TritonModel:
+    """The python-backend model's work on numpy arrays: one dict of input arrays per Triton
+    request in, one dict of output arrays (or an exception) per request out."""
+
+    def __init__(self, pipe, policy: str = "auto", gate_threshold: float = 0.5, max_image_bytes: int | None = None,
+                 max_image_pixels: int | None = None):
+        from dyvte.serve import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+
+        self.pipe = pipe
+        self.policy = pipe.policy(policy).name  # validates
+        self.gate_threshold = gate_threshold
+        self.max_image_bytes = max_image_bytes or DEFAULT_MAX_IMAGE_BYTES
+        self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_triton_args(cls, args: dict) -> "TritonModel":
+        """Load the engine folder named by the model config's parameters (``initialize``'s args)."""
+        from dyvte.engines.manifest import Manifest
+        from dyvte.runtime import Pipeline
+
+        cfg = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        if not params.get("ENGINE_DIR"):
+            raise EngineFolderError("the model config has no ENGINE_DIR parameter; write it with dyvte triton-repo")
+        engine = Path(params["ENGINE_DIR"])
+        if not engine.is_absolute():
+            engine = Path(args["model_repository"]) / str(args["model_version"]) / engine
+        kind = args.get("model_instance_kind", "CPU")
+        dtype = Manifest.load(engine, verify="exists").dtype
+        backend, options = instance_backend(params.get("BACKEND", "auto"), kind,
+                                            int(args.get("model_instance_device_id", 0) or 0), dtype)
+        pipe = Pipeline.load(engine, backend=backend, **options)
+        max_batch = int(cfg.get("max_batch_size", 0))
+        if max_batch > pipe.limits["max_batch"]:
+            pipe.close()
+            raise EngineFolderError(f"max_batch_size {max_batch} exceeds the engine folder's limit of "
+                                    f"{pipe.limits['max_batch']}; rewrite the repository with --max-batch")
+        return cls(pipe, params.get("POLICY", "auto"), float(params.get("GATE_THRESHOLD", 0.5)))
+
+    def _encode(self, inputs: dict) -> list:
+        """Pipeline Requests of one Triton request (its rows)."""
+        import numpy as np
+
+        from dyvte.batching import check_request
+        from dyvte.serve import decode_image
+
+        prompts = inputs.get("PROMPT")
+        if prompts is None or prompts.size == 0:
+            raise InputError("PROMPT is required: the question as a UTF-8 string")
+        prompts = prompts.reshape(len(prompts), -1)[:, 0]  # [b]
+        images = inputs.get("IMAGE")
+        if images is not None:
+            images = np.asarray(images, dtype=np.uint8).reshape(len(prompts), -1)  # [b, n]
+            if images.shape[1] > self.max_image_bytes:
+                raise InputError(f"IMAGE has {images.shape[1]} bytes; this model takes at most {self.max_image_bytes}")
+        tokens = inputs.get("MAX_TOKENS")
+        tokens = None if tokens is None else np.asarray(tokens).reshape(len(prompts), -1)[:, 0]
+        out = []
+        for r, p in enumerate(prompts):
+            try:
+                prompt = p.decode("utf-8") if isinstance(p, bytes) else str(p)
+            except UnicodeDecodeError:
+                raise InputError("PROMPT must be UTF-8 text") from None
+            n_new = None if tokens is None else int(tokens[r])
+            if images is not None and images.shape[1]:
+                img = decode_image(images[r].tobytes(), self.max_image_pixels, "IMAGE")
+                req = self.pipe.encode(img, prompt, n_new)
+            else:
+                req = self.pipe.encode_chat([{"role": "user", "content": prompt}], n_new)
+            check_request(self.pipe, req)
+            out.append(req)
+        return out
+
+    def execute(self, requests: list[dict]) -> list:
+        """Answer Triton's batch of requests with one ``Pipeline.run`` over all their rows
+        (requests with bad inputs get their error; a run that fails on input is retried per
+        request so only the bad one fails)."""
+        encoded, answers = [], [None] * len(requests)
+        for i, inputs in enumerate(requests):
+            try:
+                encoded.append((i, self._encode(inputs)))
+            except DyvteError as exc:
+                answers[i] = exc
+        rows = [r for _, reqs in encoded for r in reqs]
+        if not rows:
+            return answers
+        try:
+            results = self.pipe.run(rows, self.policy, self.gate_threshold)
+        except InputError as exc:
+            if len(encoded) == 1:
+                answers[encoded[0][0]] = exc
+                return answers
+            for i, _ in encoded:
+                try:
+                    answers[i] = self.execute([requests[i]])[0]
+                except DyvteError as exc:
+                    answers[i] = exc
+            return answers
+        at = 0
+        for i, reqs in encoded:
+            answers[i] = self._outputs(results[at: at + len(reqs)], len(rows))
+            at += len(reqs)
+        return answers
+
+    def _outputs(self, results: list, batch_size: int) -> dict:
+        import numpy as np
+
+        def column(values, dtype=object):
+            return np.array([[v] for v in values], dtype=dtype)  # [b, 1]
+
+        L = self.pipe.manifest.num_layers
+        info = [{"exit_layer": r.exit_layer, "num_layers": L, "policy": r.policy,
+                 "gate_probs": {str(k): float(v) for k, v in r.gate_probs.items()}, "finish_reason": r.finish_reason,
+                 "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids), "batch_size": batch_size,
+                 "backend": self.pipe.backend} for r in results]
+        return {
+            "TEXT": column([r.text.encode("utf-8") for r in results]),
+            "EXIT_LAYER": column([r.exit_layer for r in results], np.int32),
+            "TIMINGS": column([json.dumps(r.timings).encode() for r in results]),
+            "DYVTE": column([json.dumps(d).encode() for d in info]),
+        }
+
+    def close(self) -> None:
+        self.pipe.close()

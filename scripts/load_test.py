@@ -1,0 +1,272 @@
+"""Load test of ``dyvte serve`` on loopback: serial vs N concurrent clients, answers checked.
+
+    python scripts/load_test.py --engine-dir /tmp/demo-eng --clients 8 --requests 8
+
+Starts ``dyvte serve`` on 127.0.0.1 (or uses ``--url``, which must be a loopback address),
+builds a mixed workload (synthetic scenes and questions of the demo data, different
+max_tokens, some streamed, some with a system message; greedy, so answers are deterministic),
+computes every answer with a single ``Pipeline.run`` in this process as the reference, then
+times the same requests sent one at a time (serial) and by ``--clients`` concurrent clients
+(``--requests`` each). Prints a table: requests, wall time, throughput, p50/p99 latency, wrong
+answers (against the single runs), errors; the concurrent/serial throughput ratio and the mean
+batch size the server formed (from /metrics). Bounded: a fixed number of requests, and no new
+request after ``--time-limit`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        sys.exit(f"error: --url must point at a loopback address (127.0.0.0/8, ::1, localhost), got {host!r}")
+
+
+def workload(n: int, max_new_limit: int, seed: int = 7) -> list[dict]:
+    """``n`` mixed chat requests (OpenAI bodies) over synthetic scenes."""
+    from dyvte.synth import make_dialogue
+
+    items = []
+    token_choices = [t for t in (2, 4, 8, 16) if t <= max_new_limit] or [max_new_limit]
+    for i in range(n):
+        samples = make_dialogue(seed, i, 2)
+        buf = io.BytesIO()
+        samples[0].image.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        question = samples[i % len(samples)].question
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": question}]}]
+        if i % 5 == 3:
+            messages.insert(0, {"role": "system", "content": "answer with one word ."})
+        items.append({"messages": messages, "max_tokens": token_choices[i % len(token_choices)],
+                      "temperature": 0, "stream": i % 4 == 1})
+    return items
+
+
+def to_pipeline_messages(messages: list) -> list:
+    """The same messages in ``Pipeline.encode_chat``'s format (images decoded as the server does)."""
+    from PIL import Image
+
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p["type"] == "text":
+                    parts.append(p)
+                else:
+                    data = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                    parts.append({"type": "image", "image": Image.open(io.BytesIO(data)).convert("RGB")})
+            content = parts
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def references(engine_dir: str, backend: str, policy: str, items: list[dict]) -> list[str]:
+    """Each request's answer from a single Pipeline.run (stop strings: none in this workload)."""
+    from dyvte.runtime import Pipeline
+
+    with Pipeline.load(engine_dir, backend=backend) as pipe:
+        return [pipe.run([pipe.encode_chat(to_pipeline_messages(it["messages"]), it["max_tokens"])], policy)[0].text
+                for it in items]
+
+
+def ask(client, url: str, body: dict) -> tuple[str, float]:
+    """Send one request; (answer text, latency s). Raises on HTTP or stream errors."""
+    t0 = time.perf_counter()
+    if not body.get("stream"):
+        r = client.post(url + "/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"], time.perf_counter() - t0
+    text = []
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            for choice in event.get("choices", []):
+                text.append(choice["delta"].get("content") or "")
+    return "".join(text), time.perf_counter() - t0
+
+
+def run_phase(url: str, items: list[dict], refs: list[str], clients: int, per_client: int, deadline: float) -> dict:
+    """``clients`` threads each sending ``per_client`` requests back to back."""
+    import httpx
+
+    lat, wrong, errors, lock = [], [], [], threading.Lock()
+
+    def client_loop(c: int):
+        with httpx.Client(timeout=120.0) as client:
+            for j in range(per_client):
+                if time.monotonic() > deadline:
+                    return
+                k = (c * per_client + j) % len(items)
+                try:
+                    text, dt = ask(client, url, items[k])
+                except Exception as exc:  # counted, reported
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                with lock:
+                    lat.append(dt)
+                    if text != refs[k]:
+                        wrong.append((k, text, refs[k]))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] * 1000 if lat else float("nan")
+
+    return {"clients": clients, "requests": len(lat) + len(errors), "wall_s": wall,
+            "req_per_s": len(lat) / wall if wall else 0.0, "p50_ms": pct(50), "p99_ms": pct(99),
+            "wrong": len(wrong), "errors": len(errors), "wrong_examples": wrong[:3], "error_examples": errors[:3]}
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(batches run, requests in them) from the server's /metrics."""
+    import httpx
+
+    vals = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(("dyvte_batch_size_count", "dyvte_batch_size_sum")):
+            name, v = line.split()
+            vals[name] = float(v)
+    return vals.get("dyvte_batch_size_count", 0.0), vals.get("dyvte_batch_size_sum", 0.0)
+
+
+def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "dyvte.cli", "serve", "--engine-dir", args.engine_dir, "--port", str(port),
+           "--host", "127.0.0.1", "--backend", args.backend, "--policy", args.policy, "--max-wait-ms",
+           str(max_wait_ms), "--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    t_end = time.monotonic() + 180
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            sys.exit(f"error: the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    sys.exit("error: the server did not become healthy within 180 s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine-dir", required=True, help="engine folder (served, and used for the reference answers)")
+    ap.add_argument("--url", default=None, help="an already running server on loopback (default: start one)")
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--policy", default="auto")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=8, help="requests per concurrent client")
+    ap.add_argument("--serial", type=int, default=None, help="serial requests (default: clients x requests / 2)")
+    ap.add_argument("--distinct", type=int, default=32, help="distinct requests in the workload")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batching window of the concurrent phase")
+    ap.add_argument("--time-limit", type=float, default=600.0, help="no new request after this many seconds")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.clients < 1 or args.requests < 1 or args.distinct < 1:
+        sys.exit("error: --clients, --requests and --distinct must be >= 1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from dyvte.engines.manifest import Manifest
+
+    manifest = Manifest.load(args.engine_dir, verify=False)
+    t_start = time.monotonic()
+    items = workload(args.distinct, int(manifest.data["limits"]["max_new_tokens"]))
+    refs = references(args.engine_dir, args.backend, args.policy, items)
+    deadline = t_start + args.time_limit
+    n_serial = args.serial or max(1, args.clients * args.requests // 2)
+    rows = []
+    # (name, batching window of the server, clients, requests per client); serial is measured
+    # without a window too (its best case), and the ratio is taken against the better serial row
+    plan = [("serial", 0.0, 1, n_serial), ("serial", args.max_wait_ms, 1, n_serial),
+            ("concurrent", args.max_wait_ms, args.clients, args.requests)]
+    if args.url:
+        check_loopback(args.url)
+        plan = [p for p in plan if p[1] == args.max_wait_ms]
+    for name, window, clients, per_client in plan:
+        proc = None
+        url = args.url.rstrip("/") if args.url else None
+        if url is None:
+            proc, url = start_server(args, window)
+        try:
+            run_phase(url, items, refs, 1, min(4, len(items)), deadline)  # warm-up
+            b0, r0 = batch_stats(url)
+            r = run_phase(url, items, refs, clients, per_client, deadline)
+            b1, r1 = batch_stats(url)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        r.update(name=name, max_wait_ms=window if not args.url else None,
+                 mean_batch=(r1 - r0) / (b1 - b0) if b1 > b0 else float("nan"))
+        rows.append(r)
+    best_serial = max((r["req_per_s"] for r in rows if r["name"] == "serial"), default=0.0)
+    conc = rows[-1]
+    ratio = conc["req_per_s"] / best_serial if best_serial else float("nan")
+    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}, policy {args.policy}, "
+          f"{args.distinct} distinct requests, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(f"{'mode':<11}{'wait ms':>8}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'p50 ms':>8}"
+          f"{'p99 ms':>8}{'batch':>7}{'wrong':>6}{'errors':>7}")
+    for r in rows:
+        wait = "-" if r["max_wait_ms"] is None else f"{r['max_wait_ms']:g}"
+        print(f"{r['name']:<11}{wait:>8}{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['req_per_s']:>8.1f}"
+              f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['mean_batch']:>7.2f}{r['wrong']:>6}{r['errors']:>7}")
+    print(f"throughput ratio (concurrent / best serial): {ratio:.2f}")
+    for r in rows:
+        for k, got, want in r["wrong_examples"]:
+            print(f"  wrong answer to request {k}: {got!r}, single run gave {want!r}")
+        for e in r["error_examples"]:
+            print(f"  error: {e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2, default=str))
+    return 1 if any(r["wrong"] or r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
