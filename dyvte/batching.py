@@ -1,9 +1,10 @@
 """Dynamic batching of generation requests over one :class:`~dyvte.runtime.Pipeline`.
 
 A :class:`Batcher` owns one worker thread. Requests (:class:`Job`) wait in a bounded queue; the
-worker takes the oldest one, waits until ``max_wait_s`` after its arrival (or until ``max_batch``
-requests with the same exit policy are waiting), and runs them as ONE ``Pipeline.run`` call, in
-which every sample exits on its own and keeps its own token limit, sampling and stop strings.
+worker takes the oldest one, waits until ``max_wait_s`` after its arrival, or after the end of the
+previous batch if it arrived while that one ran (or until ``max_batch`` requests with the same
+exit policy are waiting), and runs them as ONE ``Pipeline.run`` call, in which every sample exits
+on its own and keeps its own token limit, sampling and stop strings.
 An answer is therefore the same whether its request ran alone or in a batch.
 
 Streaming and stop strings use ``Pipeline.run``'s ``on_step`` hook: after every generated token
@@ -89,14 +90,13 @@ class TextTracker:
         text, stopped = self.cut(self.decode(tokens).lstrip())
         if stopped:
             return "", True  # the rest is sent by final()
-        safe = text.rstrip()
-        if safe.endswith("\ufffd"):  # an unfinished multi-byte character
-            safe = safe.rstrip("\ufffd")
-        for s in self.stop:  # hold back a tail that may grow into a stop string
-            for k in range(min(len(s) - 1, len(safe)), 0, -1):
-                if safe.endswith(s[:k]):
-                    safe = safe[:-k]
+        end = len(text)
+        for s in self.stop:  # hold back the longest tail that may still grow into a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    end = min(end, len(text) - k)
                     break
+        safe = text[:end].rstrip().rstrip("\ufffd").rstrip()  # no trailing space or partial character
         if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
             return "", False
         delta, self.sent = safe[len(self.sent):], safe
@@ -185,6 +185,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._running = 0  # jobs in the batch being run
+        self._last_end = 0.0  # when the last batch finished (time.monotonic())
         self._thread = threading.Thread(target=self._loop, name="dyvte-batcher", daemon=True)
         self._thread.start()
 
@@ -253,6 +254,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._running = 0
+                    self._last_end = time.monotonic()
 
     def _drop_dead(self) -> None:
         """Fail queued jobs that were cancelled or ran out of time (lock held)."""
@@ -271,7 +273,9 @@ class Batcher:
                     return None
                 self._cond.wait()
             first = self._pending[0]
-            window_end = first.enqueued + self.max_wait_s
+            # wait from the oldest request's arrival, or from the end of the last batch when it
+            # arrived while that one ran: clients answered by that batch are about to send again
+            window_end = max(first.enqueued, self._last_end) + self.max_wait_s
             while not self._closing:
                 if sum(1 for j in self._pending if j.key == first.key) >= self.max_batch:
                     break

@@ -130,13 +130,16 @@ def load_model(path: Path, dtype: str = "float32"):
     return model.eval()
 
 
-def load_processor(path: Path):
-    """Load the checkpoint's LlavaProcessor (tokenizer, image processor, chat template)."""
+def load_processor(path: Path, family=None):
+    """Load the checkpoint's processor (tokenizer, image processor, chat template) as its model
+    family does (default: the family of ``path/config.json``)."""
     quiet_transformers()
-    from transformers import AutoProcessor
+    if family is None:
+        from .families import family_for_config
 
+        family = family_for_config(load_config(path))
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        return family.load_processor(path)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelNotFoundError(
             f"cannot load the processor/tokenizer from {path}: {exc}; the folder needs "

@@ -23,6 +23,8 @@ import io
 import json
 import logging
 import math
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -232,7 +234,7 @@ _UNSUPPORTED = {  # option -> (is it set to something dyvte cannot honour?, what
     "tool_choice": (lambda v: v not in (None, "none"), "tools / function calling are not supported by this model"),
     "function_call": (lambda v: v not in (None, "none"), "function calling is not supported by this model"),
     "logprobs": (lambda v: bool(v), "logprobs are not supported"),
-    "top_logprobs": (lambda v: v is not None, "logprobs are not supported"),
+    "top_logprobs": (lambda v: v not in (None, 0), "logprobs are not supported"),
     "logit_bias": (lambda v: bool(v), "logit_bias is not supported"),
     "presence_penalty": (lambda v: v not in (None, 0), "presence_penalty is not supported (use 0)"),
     "frequency_penalty": (lambda v: v not in (None, 0), "frequency_penalty is not supported (use 0)"),
@@ -244,13 +246,14 @@ _UNSUPPORTED = {  # option -> (is it set to something dyvte cannot honour?, what
 }
 
 
-def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
+def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False, param: str | None = None):
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
             or v > hi or v < lo or (lo_open and v == lo):
-        raise bad_request(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", name)
+        param = param or name
+        raise bad_request(f"{param} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", param)
     return float(v)
 
 
@@ -289,7 +292,7 @@ def parse_chat_request(body: dict, settings: ServeSettings, max_images: int | No
         raise bad_request("dyvte must be an object with optional keys policy and gate_threshold", "dyvte")
     if ext.get("policy") is not None and not isinstance(ext["policy"], str):
         raise bad_request("dyvte.policy must be a string such as 'gate', 'never' or 'layer:4'", "dyvte.policy")
-    threshold = _number(ext, "gate_threshold", 0.0, 1.0, None, lo_open=True) if ext else None
+    threshold = _number(ext, "gate_threshold", 0.0, 1.0, None, True, "dyvte.gate_threshold")
     return ChatRequest(
         messages=_convert_messages(body.get("messages"), settings, max_images),
         stream=bool(stream), include_usage=bool(opts and opts.get("include_usage")), max_tokens=max_tokens,
@@ -717,6 +720,18 @@ def serve(settings: ServeSettings) -> None:
                                 timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
         log.info("serving %s (%s, backend %s) on http://%s:%d", state.model_name, settings.engine_dir, pipe.backend,
                  settings.host, settings.port)
-        Server(config).run()
+        # uvicorn re-raises SIGINT/SIGTERM once its graceful shutdown is done; exit 0 then
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, _exit_after_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            Server(config).run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         pipe.close()
+
+
+def _exit_after_shutdown(signum, frame):
+    raise SystemExit(0)

@@ -1,5 +1,6 @@
-"""Small LLaVA checkpoints built from code: a word-level tokenizer, a LlavaProcessor with a chat
-template, and a randomly initialised LlavaForConditionalGeneration saved in HF format.
+"""Small VLM checkpoints built from code (LLaVA-1.5, LLaVA-NeXT, InternVL): a word-level
+tokenizer, the family's processor with a chat template, and a randomly initialised model saved in
+HF format.
 
 Used for the embedded demo model, the tests and the benchmarks; every checkpoint is a normal
 HF folder, so it goes through exactly the loading path a downloaded model does.
@@ -13,19 +14,29 @@ from pathlib import Path
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID = range(5)
 
-#: LLaVA-1.5's conversation format ("USER: <image>\nQ ASSISTANT: A</s>"), as a chat template.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}USER: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
-    "{% else %}ASSISTANT: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+#: InternVL's image tokens (text delimiters and the placeholder the features fill).
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+
+
+def chat_template(image: str = "<image>") -> str:
+    """LLaVA-1.5's conversation format ("USER: <image>\nQ ASSISTANT: A</s>") as a chat template,
+    with ``image`` as the image placeholder."""
+    return (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}USER: "
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image + "\n"
+        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+        "{% else %}ASSISTANT: "
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}</s>"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
 
 BASE_WORDS = ("USER", "ASSISTANT", ":", "?", ".", ",")
 
@@ -58,20 +69,49 @@ class TinyLlavaSpec:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rope_theta: float = 10000.0
+    family: str = "llava"  # llava | llava_next | internvl
+    grid_pinpoints: tuple = ()  # llava_next (H, W) pairs; default 1x2, 2x1 and 2x2 tiles
+    downsample_ratio: float = 0.5  # internvl pixel shuffle
+    max_patches: int = 6  # internvl tiles per image (+ a thumbnail)
 
     @property
     def num_visual_tokens(self) -> int:
+        """Visual tokens per tile (LLaVA-1.5: per image)."""
         n = (self.image_size // self.patch_size) ** 2
+        if self.family == "internvl":
+            return int(n * self.downsample_ratio ** 2)
         return n + 1 if self.vision_feature_select_strategy == "full" else n
 
     @property
+    def pinpoints(self) -> list[list[int]]:
+        s = self.image_size
+        return [list(p) for p in self.grid_pinpoints] or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Named special tokens of the tokenizer (``image_token`` etc.)."""
+        if self.family == "internvl":
+            return dict(INTERNVL_TOKENS)
+        return {"image_token": "<image>"}
+
+    @property
+    def image_placeholder(self) -> str:
+        return self.special_tokens.get("context_image_token", "<image>")
+
+    @property
     def vocab(self) -> list[str]:
-        seen = dict.fromkeys([*SPECIAL_TOKENS, *BASE_WORDS, *self.words])
+        extra = [t for t in self.special_tokens.values() if t not in SPECIAL_TOKENS]
+        seen = dict.fromkeys([*SPECIAL_TOKENS, *extra, *BASE_WORDS, *self.words])
         return list(seen)
 
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab.index(self.image_placeholder)
 
-def build_tokenizer(vocab: list[str]):
-    """A whitespace/punctuation word-level fast tokenizer that prepends <s>."""
+
+def build_tokenizer(vocab: list[str], special_tokens: dict | None = None):
+    """A whitespace/punctuation word-level fast tokenizer that prepends <s>; ``special_tokens``:
+    named special tokens (default ``{"image_token": "<image>"}``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -88,12 +128,33 @@ def build_tokenizer(vocab: list[str]):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=special_tokens or {"image_token": "<image>"},
         padding_side="left",
     )
 
 
 def build_processor(spec: TinyLlavaSpec):
+    """The family's processor with a word-level tokenizer and LLaVA-1.5's chat format."""
+    tokenizer = build_tokenizer(spec.vocab, spec.special_tokens)
+    template = chat_template(spec.image_placeholder)
+    if spec.family == "llava_next":
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size}, image_grid_pinpoints=spec.pinpoints,
+                                        crop_size={"height": spec.image_size, "width": spec.image_size})
+        return LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=spec.patch_size,
+                                  vision_feature_select_strategy=spec.vision_feature_select_strategy,
+                                  num_additional_image_tokens=1, chat_template=template)
+    if spec.family == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        from .families.internvl import image_only_processor_class
+
+        ip = GotOcr2ImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size}, crop_to_patches=True,
+                                      min_patches=1, max_patches=spec.max_patches)
+        return image_only_processor_class()(image_processor=ip, tokenizer=tokenizer,
+                                            image_seq_length=spec.num_visual_tokens, chat_template=template)
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
@@ -102,16 +163,16 @@ def build_processor(spec: TinyLlavaSpec):
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(spec.vocab),
+        tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy=spec.vision_feature_select_strategy,
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
     )
 
 
 def build_config(spec: TinyLlavaSpec):
-    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+    from transformers import AutoConfig, CLIPVisionConfig, InternVLConfig, LlavaConfig, LlavaNextConfig
 
     text_kwargs = dict(
         hidden_size=spec.hidden_size,
@@ -131,39 +192,52 @@ def build_config(spec: TinyLlavaSpec):
     if spec.text_model == "mistral":
         text_kwargs["sliding_window"] = None
     text_config = AutoConfig.for_model(spec.text_model, **text_kwargs)
-    vision_config = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=spec.vision_intermediate_size,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden_size,
-        initializer_range=spec.initializer_range,
-    )
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=IMAGE_ID,
-        image_seq_length=spec.num_visual_tokens,
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy=spec.vision_feature_select_strategy,
-    )
+    vision = dict(hidden_size=spec.vision_hidden_size, intermediate_size=spec.vision_intermediate_size,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                  initializer_range=spec.initializer_range)
+    if spec.family == "internvl":
+        return InternVLConfig(
+            vision_config=dict(vision, image_size=[spec.image_size] * 2, patch_size=[spec.patch_size] * 2),
+            text_config=text_config.to_dict(), image_token_id=spec.image_token_id,
+            image_seq_length=spec.num_visual_tokens, downsample_ratio=spec.downsample_ratio,
+            vision_feature_layer=spec.vision_feature_layer, tie_word_embeddings=False,
+            vision_feature_select_strategy=spec.vision_feature_select_strategy)
+    vision_config = CLIPVisionConfig(**vision, image_size=spec.image_size, patch_size=spec.patch_size,
+                                     projection_dim=spec.vision_hidden_size)
+    common = dict(vision_config=vision_config, text_config=text_config, image_token_index=spec.image_token_id,
+                  image_seq_length=spec.num_visual_tokens, vision_feature_layer=spec.vision_feature_layer,
+                  vision_feature_select_strategy=spec.vision_feature_select_strategy)
+    if spec.family == "llava_next":
+        return LlavaNextConfig(**common, image_grid_pinpoints=spec.pinpoints)
+    return LlavaConfig(**common)
 
 
 def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, model=None) -> Path:
-    """Write a complete HF LLaVA checkpoint folder (random weights unless ``model`` is given)."""
+    """Write a complete HF checkpoint folder of the spec's family (random weights unless ``model``
+    is given; InternVL's layer scales, CLS token and position embeddings are randomised too, so
+    that they matter)."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
+    from .families import family_named
     from .models import quiet_transformers
 
     quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    family = family_named(spec.family)
     if model is None:
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(build_config(spec)).eval()
+        model = family.model_class()(build_config(spec)).eval()
+        with torch.no_grad():
+            if spec.family == "internvl":
+                emb = model.model.vision_tower.embeddings
+                emb.cls_token.normal_(0.0, 0.5)
+                emb.position_embeddings.normal_(0.0, 0.5)
+                for layer in model.model.vision_tower.encoder.layer:
+                    layer.lambda_1.uniform_(0.5, 1.5)
+                    layer.lambda_2.uniform_(0.5, 1.5)
+            if spec.family == "llava_next":
+                model.model.image_newline.normal_(0.0, 1.0)
     model.save_pretrained(out_dir, safe_serialization=True)
-    build_processor(spec).save_pretrained(out_dir)
+    family.save_processor(build_processor(spec), out_dir)
     return out_dir

@@ -22,6 +22,13 @@ from pathlib import Path
 from dyvte.errors import DyvteError, EngineFolderError, InputError
 
 KINDS = ("cpu", "gpu")
+
+#: The python backend's stub (as shipped in nvidia-pytriton 0.7.0, Triton 2.51) reads numpy arrays
+#: with numpy 1.x's C layout: under numpy 2.x it crashes on BYTES inputs or rejects outputs. The
+#: environment the model runs in therefore takes dyvte's pinned dependencies with numpy 1.26
+#: (every other pin accepts it); dyvte's own environment stays on numpy 2.
+TRITON_ENV_NUMPY = "numpy==1.26.4"
+PYTRITON = "nvidia-pytriton==0.7.0"  # tritonserver + python backend + stubs, runs on CPU (tests)
 INPUTS = (  # name, Triton type, dims, extra fields
     ("PROMPT", "TYPE_STRING", "1", ""),
     ("IMAGE", "TYPE_UINT8", "-1", "allow_ragged_batch: true\n    optional: true"),
@@ -47,6 +54,16 @@ class TritonRepoSettings:
     env: Path | None = None  # EXECUTION_ENV_PATH: the Python environment the model runs in
     copy_engine: bool = False
     overwrite: bool = False
+
+
+def env_requirements(with_server: bool = True) -> list[str]:
+    """Requirements of a python-backend environment (``scripts/setup.sh --triton``): dyvte's
+    pinned dependencies with numpy 1.26, plus the nvidia-pytriton wheel's tritonserver."""
+    from importlib.metadata import requires
+
+    reqs = [r for r in requires("dyvte") or [] if "extra ==" not in r]
+    reqs = [TRITON_ENV_NUMPY if r.replace(" ", "").startswith("numpy") else r for r in reqs]
+    return reqs + ([PYTRITON] if with_server else [])
 
 
 def _q(text) -> str:

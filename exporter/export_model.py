@@ -383,7 +383,7 @@ def export(settings: ExportSettings) -> Path:
     proc_dir = staging / "processor"
     if proc_dir.exists():
         shutil.rmtree(proc_dir)
-    processor.save_pretrained(proc_dir)
+    family.save_processor(processor, proc_dir)
     shutil.copyfile(model_dir / "config.json", staging / "hf_config.json")
     gates_file = staging / "gates.safetensors"
     if gates:

@@ -102,7 +102,9 @@ class Pipeline:
         from .backends import create_runner
 
         manifest = Manifest.load(engine_dir, verify=verify)
-        processor = load_processor(manifest.path(manifest.data["processor"]))
+        from dyvte.families import family_named
+
+        processor = load_processor(manifest.path(manifest.data["processor"]), family_named(manifest.model["family"]))
         return cls(manifest, create_runner(backend, manifest, **backend_options), processor)
 
     # -- facts ---------------------------------------------------------------------------------

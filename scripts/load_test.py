@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.clients < 1 or args.requests < 1 or args.distinct < 1:
         sys.exit("error: --clients, --requests and --distinct must be >= 1")
+    if args.url:
+        check_loopback(args.url)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from dyvte.engines.manifest import Manifest
@@ -223,8 +225,7 @@ def main(argv=None) -> int:
     # without a window too (its best case), and the ratio is taken against the better serial row
     plan = [("serial", 0.0, 1, n_serial), ("serial", args.max_wait_ms, 1, n_serial),
             ("concurrent", args.max_wait_ms, args.clients, args.requests)]
-    if args.url:
-        check_loopback(args.url)
+    if args.url:  # one server: its own window
         plan = [p for p in plan if p[1] == args.max_wait_ms]
     for name, window, clients, per_client in plan:
         proc = None

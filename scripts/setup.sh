@@ -2,14 +2,23 @@
 # Create .venv/ with dyvte (editable) and its pinned dependencies.
 # torch is installed first and alone, pinned to the CPU-capable 2.13.0 wheel; set
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) to choose where it comes from.
+# --triton also makes .venv/triton/: the environment Triton's python backend runs dyvte in
+# (dyvte's pins with numpy 1.26, which the backend's stub needs; README "Serving") and the
+# tritonserver of the nvidia-pytriton wheel, for tests/test_triton.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+torch_args=()
+[ -n "${TORCH_INDEX_URL:-}" ] && torch_args=(--index-url "$TORCH_INDEX_URL")
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-if [ -n "${TORCH_INDEX_URL:-}" ]; then
-  .venv/bin/python -m pip install -q torch==2.13.0 --index-url "$TORCH_INDEX_URL"
-else
-  .venv/bin/python -m pip install -q torch==2.13.0
-fi
+.venv/bin/python -m pip install -q torch==2.13.0 "${torch_args[@]}"
 .venv/bin/python -m pip install -q -e ".[test]"
+if [ "${1:-}" = "--triton" ]; then
+  [ -x .venv/triton/bin/python ] || "$PY" -m venv .venv/triton
+  .venv/triton/bin/python -m pip install -q --upgrade pip
+  .venv/triton/bin/python -m pip install -q torch==2.13.0 "${torch_args[@]}"
+  mapfile -t reqs < <(.venv/bin/python -c "from dyvte.triton_repo import env_requirements; print(*env_requirements(), sep='\n')")
+  .venv/triton/bin/python -m pip install -q "${reqs[@]}"
+  .venv/triton/bin/python -m pip install -q --no-deps -e .
+fi

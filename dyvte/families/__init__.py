@@ -14,9 +14,11 @@ __all__ = ["Family", "Vision", "families", "family_for_config", "family_named", 
 @functools.cache
 def families() -> dict[str, Family]:
     """Every registered family by name (a new family: one module, one line here)."""
+    from .internvl import InternVL
     from .llava import Llava
+    from .llava_next import LlavaNext
 
-    return {f.name: f for f in (Llava(),)}
+    return {f.name: f for f in (Llava(), LlavaNext(), InternVL())}
 
 
 def family_named(name: str) -> Family:

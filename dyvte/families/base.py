@@ -54,8 +54,30 @@ class Family:
                 f"{', '.join(self.text_models)}"
             )
 
+    stock_processor: str | None = None  # HF processor class to name in saved folders (see save_processor)
+
     def image_token_id(self, config) -> int:
         return int(config.image_token_id)
+
+    def load_processor(self, path):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=False)
+
+    def save_processor(self, processor, out_dir) -> None:
+        """Save the processor as a standard HF processor folder."""
+        import json
+        from pathlib import Path
+
+        processor.save_pretrained(out_dir)
+        if self.stock_processor:  # a stand-in class (e.g. without torchvision) is saved under the stock name
+            for name in ("processor_config.json", "tokenizer_config.json"):
+                p = Path(out_dir) / name
+                if p.is_file():
+                    data = json.loads(p.read_text())
+                    if "processor_class" in data:
+                        data["processor_class"] = self.stock_processor
+                        p.write_text(json.dumps(data, indent=2) + "\n")
 
     def model_class(self):
         import transformers

@@ -1,0 +1,522 @@
+"""``dyvte serve``: OpenAI-compatible answers, dynamic batching, errors, limits, shutdown.
+
+Real uvicorn servers on 127.0.0.1 (random free ports) over the tiny Llama engine folder, queried
+with the ``openai`` package (and httpx for what that client cannot send).
+"""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+
+QUESTIONS = ["what color ?", "how many red squares are there ?", "is there a blue triangle ?", "what shape ?",
+             "where is the circle ?", "what is on the left ?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A uvicorn server in a background thread (no signal handlers)."""
+
+    def __init__(self, pipe, **settings):
+        import uvicorn
+
+        from dyvte.serve import ServeSettings, create_app
+
+        self.port = free_port()
+        self.settings = ServeSettings(pipe.manifest.root, port=self.port, **settings)
+        self.app = create_app(pipe, self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t_end = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < t_end and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class SlowPipe:
+    """The real pipeline, with each batch delayed (to hold the worker busy deterministically)."""
+
+    def __init__(self, pipe, delay: float):
+        self._pipe, self._delay = pipe, delay
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def run(self, *args, **kwargs):
+        time.sleep(self._delay)
+        return self._pipe.run(*args, **kwargs)
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def user(question: str, img=None, url: str | None = None) -> list:
+    parts = [{"type": "text", "text": question}]
+    if img is not None or url is not None:
+        parts.insert(0, {"type": "image_url", "image_url": {"url": url or data_url(img)}})
+    return [{"role": "user", "content": parts}]
+
+
+def alone(pipe, question, img, max_tokens, policy="gate", **sampling):
+    """The Pipeline's answer to one request run alone."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
+    return pipe.run([pipe.encode_chat(messages, max_tokens, **sampling)], policy)[0]
+
+
+@pytest.fixture(scope="module")
+def server(llama, pipelines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    make_image(5).save(root / "inside.png")
+    srv = ServerThread(pipelines(llama.engine_dir), max_wait_ms=100, image_root=root, max_image_bytes=200_000,
+                       max_image_pixels=1_000_000, max_body_bytes=2_000_000)
+    srv.image_root = root
+    yield srv
+    srv.stop()
+
+
+def test_chat_completion_matches_pipeline(server, llama, pipelines):
+    pipe = pipelines(llama.engine_dir)
+    client = server.client()
+    img = make_image(1)
+    res = client.chat.completions.create(model=server.app.state.dyvte.model_name, messages=user(QUESTIONS[0], img),
+                                         max_tokens=6)
+    want = alone(pipe, QUESTIONS[0], img, 6)
+    assert res.choices[0].message.content == want.text and res.choices[0].message.role == "assistant"
+    assert res.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+    assert res.usage.prompt_tokens == want.prompt_tokens
+    assert res.usage.completion_tokens == len(want.token_ids)
+    assert res.usage.total_tokens == want.prompt_tokens + len(want.token_ids)
+    info = res.dyvte  # the openai client keeps unknown fields
+    assert info["exit_layer"] == want.exit_layer and info["num_layers"] == llama.spec.num_layers
+    assert info["gate_probs"] == {str(k): v for k, v in want.gate_probs.items()} and info["policy"] == "gate"
+    assert info["batch_size"] == 1 and info["backend"] == "onnxruntime"
+    assert {"queue_s", "prefill_s", "decode_s", "batch_s", "request_s"} <= set(info["timings"])
+    # per-request policy; no model name at all is accepted too
+    for policy, exit_layer in (("never", llama.spec.num_layers), ("layer:2", 2)):
+        r = client.chat.completions.create(model=server.app.state.dyvte.model_name, messages=user(QUESTIONS[0], img),
+                                           max_tokens=4, extra_body={"dyvte": {"policy": policy}})
+        assert r.dyvte["exit_layer"] == exit_layer and r.dyvte["policy"] == policy
+        assert r.choices[0].message.content == alone(pipe, QUESTIONS[0], img, 4, policy).text
+    import httpx
+
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user(QUESTIONS[0], img), "max_tokens": 6})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_streaming_equals_plain_answer(server, llama, pipelines):
+    pipe = pipelines(llama.engine_dir)
+    client = server.client()
+    name = server.app.state.dyvte.model_name
+    img = make_image(2)
+    plain = client.chat.completions.create(model=name, messages=user(QUESTIONS[1], img), max_tokens=10)
+    chunks = list(client.chat.completions.create(model=name, messages=user(QUESTIONS[1], img), max_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content == alone(pipe, QUESTIONS[1], img, 10).text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert final[0].dyvte["exit_layer"] == plain.dyvte["exit_layer"]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens and not chunks[-1].choices
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # several deltas
+
+
+def test_stop_strings(server, llama, pipelines):
+    pipe = pipelines(llama.engine_dir)
+    client = server.client()
+    name = server.app.state.dyvte.model_name
+    img = make_image(3)
+    full = alone(pipe, QUESTIONS[2], img, 12, policy="never").text
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = words[2]
+    want = full[: full.find(stop)].strip()
+    for stream in (False, True):
+        kw = dict(model=name, messages=user(QUESTIONS[2], img), max_tokens=12, stop=[stop, "zzz-never"],
+                  extra_body={"dyvte": {"policy": "never"}})
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert text == want and reason == ["stop"], (text, want)
+        else:
+            res = client.chat.completions.create(**kw)
+            assert res.choices[0].message.content == want and res.choices[0].finish_reason == "stop"
+            assert res.usage.completion_tokens < len(alone(pipe, QUESTIONS[2], img, 12, policy="never").token_ids)
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(server, llama, pipelines):
+    """Mixed requests sent together run as batches and answer exactly as each one sent alone."""
+    client = server.client()
+    name = server.app.state.dyvte.model_name
+    jobs = [dict(messages=user(q, make_image(10 + i)), max_tokens=2 + 3 * i) for i, q in enumerate(QUESTIONS)]
+    jobs[1].update(temperature=1.3, seed=11, top_p=0.9)  # seeded sampling
+    jobs[2].update(temperature=0.8, seed=5)
+    jobs[3]["messages"] = [{"role": "system", "content": "answer briefly ."}, *jobs[3]["messages"]]
+    jobs[4]["messages"] = user("no image here ?")  # text only: never exits
+    jobs.append(dict(messages=user(QUESTIONS[0], make_image(20)), max_tokens=8, stream=True))
+
+    def send(kw):
+        if kw.get("stream"):
+            chunks = list(client.chat.completions.create(model=name, **kw))
+            final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return text, final.dyvte
+        r = client.chat.completions.create(model=name, **kw)
+        return r.choices[0].message.content, r.dyvte
+
+    singles = [send(kw) for kw in jobs]
+    assert all(info["batch_size"] == 1 for _, info in singles)
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        together = list(ex.map(send, jobs))
+    assert [t for t, _ in together] == [t for t, _ in singles]
+    assert [i["exit_layer"] for _, i in together] == [i["exit_layer"] for _, i in singles]
+    assert max(i["batch_size"] for _, i in together) > 1
+    assert singles[4][1]["exit_layer"] == llama.spec.num_layers
+    pipe = pipelines(llama.engine_dir)
+    assert singles[0][0] == alone(pipe, QUESTIONS[0], make_image(10), 2).text
+    assert singles[1][0] == alone(pipe, QUESTIONS[1], make_image(11), 5, temperature=1.3, seed=11, top_p=0.9).text
+
+
+def test_local_paths_only_under_the_image_root(server, llama, pipelines):
+    client = server.client()
+    name = server.app.state.dyvte.model_name
+    want = alone(pipelines(llama.engine_dir), QUESTIONS[0], make_image(5), 5).text
+    for url in ("inside.png", str(server.image_root / "inside.png"), f"file://{server.image_root / 'inside.png'}"):
+        res = client.chat.completions.create(model=name, messages=user(QUESTIONS[0], url=url), max_tokens=5)
+        assert res.choices[0].message.content == want
+    import openai
+
+    for url in ("../outside.png", "/etc/hostname", "file:///etc/hostname", "missing.png"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=name, messages=user(QUESTIONS[0], url=url))
+        assert e.value.body["code"] in ("image_url_not_allowed", "invalid_image_url"), url
+
+
+def test_models_health_and_metrics(server, llama):
+    import httpx
+
+    client = server.client()
+    models = client.models.list().data
+    assert [m.id for m in models] == [server.app.state.dyvte.model_name]
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["backend"] == "onnxruntime"
+    client.chat.completions.create(model=models[0].id, messages=user(QUESTIONS[0], make_image(0)), max_tokens=3)
+    with pytest.raises(Exception):
+        client.chat.completions.create(model=models[0].id, messages=[])
+    text = httpx.get(server.url + "/metrics").text
+    for metric in ("dyvte_requests_total{status=\"200\"}", "dyvte_requests_total{status=\"400\"}",
+                   "dyvte_request_errors_total{code=", "dyvte_request_duration_seconds_bucket",
+                   "dyvte_queue_wait_seconds_bucket", "dyvte_prompt_tokens_total", "dyvte_generated_tokens_total",
+                   "dyvte_exit_layer_bucket{le=\"0.0\",policy=\"gate\"}", "dyvte_batch_size_bucket{le=\"1.0\"}",
+                   "dyvte_batch_duration_seconds_bucket", "dyvte_queue_depth", "dyvte_requests_in_flight",
+                   "dyvte_time_to_first_token_seconds_bucket"):
+        assert metric in text, metric
+    generated = [float(line.split()[1]) for line in text.splitlines() if line.startswith("dyvte_generated_tokens_total")]
+    assert generated and generated[0] > 0
+
+
+def _corrupt_png() -> bytes:
+    data = png_bytes(make_image(4))
+    return data[:40] + bytes(200) + data[240:]
+
+
+@pytest.mark.parametrize("case", [
+    "no_messages", "messages_not_list", "corrupt_image", "truncated_image", "not_an_image", "bad_base64",
+    "image_too_many_bytes", "image_too_many_pixels", "remote_url", "prompt_too_long", "max_tokens_over_limit",
+    "unknown_model", "n_2", "tools", "bad_temperature", "bad_policy", "tool_role", "unknown_part",
+])
+def test_bad_requests_get_openai_errors(server, case):
+    import numpy as np
+    import openai
+    from PIL import Image
+
+    client = server.client()
+    name = server.app.state.dyvte.model_name
+    kw = dict(model=name, messages=user(QUESTIONS[0], make_image(0)))
+    noise = Image.fromarray((np.random.RandomState(0).rand(400, 400, 3) * 255).astype("uint8"))
+    status, code, param = 400, None, None
+    if case == "no_messages":
+        kw["messages"], param = [], "messages"
+    elif case == "messages_not_list":
+        kw["messages"], param = "hello", "messages"
+    elif case == "corrupt_image":
+        kw["messages"], code = user("q ?", url="data:image/png;base64," + base64.b64encode(_corrupt_png()).decode()), \
+            "invalid_image"
+    elif case == "truncated_image":
+        kw["messages"], code = user("q ?", url="data:image/png;base64," + base64.b64encode(
+            png_bytes(make_image(4))[:-60]).decode()), "invalid_image"
+    elif case == "not_an_image":
+        kw["messages"], code = user("q ?", url="data:image/png;base64," + base64.b64encode(b"hello" * 50).decode()), \
+            "invalid_image"
+    elif case == "bad_base64":
+        kw["messages"], code = user("q ?", url="data:image/png;base64,@@@not-base64@@@"), "invalid_image_url"
+    elif case == "image_too_many_bytes":  # 400x400 noise: ~480 KB > the server's 200 KB
+        kw["messages"], code = user("q ?", url=data_url(noise)), "image_too_large"
+    elif case == "image_too_many_pixels":  # 1200x1000 = 1.2 MP > 1 MP, few bytes
+        kw["messages"], code = user("q ?", url=data_url(Image.new("RGB", (1200, 1000)))), "image_too_large"
+    elif case == "remote_url":
+        kw["messages"], code = user("q ?", url="https://example.com/cat.png"), "image_url_not_allowed"
+    elif case == "prompt_too_long":
+        kw["messages"], code = user("what color ? " * 200, make_image(0)), "context_length_exceeded"
+    elif case == "max_tokens_over_limit":
+        kw["max_tokens"], param = 33, "max_tokens"  # the folder's limit is 32
+    elif case == "unknown_model":
+        kw["model"], status, code = "gpt-4o", 404, "model_not_found"
+    elif case == "n_2":
+        kw["n"], param = 2, "n"
+    elif case == "tools":
+        kw["tools"], param = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "tools"
+    elif case == "bad_temperature":
+        kw["temperature"], param = -1, "temperature"
+    elif case == "bad_policy":
+        kw["extra_body"], code = {"dyvte": {"policy": "layer:99"}}, "invalid_policy"
+    elif case == "tool_role":
+        kw["messages"] = [{"role": "tool", "content": "x", "tool_call_id": "1"}]
+    elif case == "unknown_part":
+        kw["messages"] = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**kw)
+    err = e.value
+    assert err.status_code == status, (case, err.body)
+    assert set(err.body) == {"message", "type", "param", "code"} and err.body["message"], err.body
+    assert err.body["type"] == "invalid_request_error"
+    if code:
+        assert err.body["code"] == code, err.body
+    if param:
+        assert err.body["param"] == param, err.body
+    ok = client.chat.completions.create(model=name, messages=user(QUESTIONS[0], make_image(0)), max_tokens=2)
+    assert ok.choices[0].message.content is not None  # still serving
+
+
+def test_malformed_http_requests(server):
+    import httpx
+
+    url = server.url + "/v1/chat/completions"
+    cases = [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json"),
+        (dict(content=b"", headers={"content-type": "application/json"}), 400, "invalid_json"),
+        (dict(content=b"\xff\xfe\x00garbage"), 400, "invalid_json"),
+        (dict(json=[1, 2, 3]), 400, None),
+        (dict(json={"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), 400, None),
+        (dict(content=b"x" * 2_100_000), 413, "request_too_large"),
+    ]
+    for kwargs, status, code in cases:
+        r = httpx.post(url, **kwargs)
+        assert r.status_code == status, (kwargs.get("json"), r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        if code:
+            assert err["code"] == code
+    r = httpx.get(url)
+    assert r.status_code == 405 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_queue_full_is_503_with_retry_after(llama, pipelines):
+    import httpx
+    import openai
+
+    srv = ServerThread(SlowPipe(pipelines(llama.engine_dir), 1.0), max_wait_ms=0, max_batch=1, max_queue=1)
+    try:
+        client = srv.client()
+        body = dict(model=srv.app.state.dyvte.model_name, messages=user(QUESTIONS[0], make_image(0)), max_tokens=2)
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(client.chat.completions.create, **body)
+            _wait(lambda: httpx.get(srv.url + "/health").json()["in_flight"] == 1)
+            second = ex.submit(client.chat.completions.create, **body)
+            _wait(lambda: httpx.get(srv.url + "/health").json()["queue_depth"] == 1)
+            with pytest.raises(openai.APIStatusError) as e:
+                client.chat.completions.create(**body)
+            assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+            assert e.value.body["code"] == "queue_full"
+            assert first.result().choices[0].message.content == second.result().choices[0].message.content
+    finally:
+        srv.stop()
+
+
+def test_request_timeout_is_504(llama, pipelines):
+    import openai
+
+    srv = ServerThread(SlowPipe(pipelines(llama.engine_dir), 1.0), max_wait_ms=0, request_timeout_s=0.4)
+    try:
+        client = srv.client()
+        body = dict(model=srv.app.state.dyvte.model_name, messages=user(QUESTIONS[0], make_image(0)), max_tokens=2)
+        for stream in (False, True):
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIError) as e:
+                out = client.chat.completions.create(stream=stream, **body)
+                list(out)
+            assert time.monotonic() - t0 < 0.9  # answered at the deadline, not when the batch ended
+            if not stream:
+                assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+            else:
+                assert "did not finish" in str(e.value.message)
+        srv.app.state.dyvte.settings.request_timeout_s = 30
+        assert client.chat.completions.create(**body).choices[0].message.content is not None
+    finally:
+        srv.stop()
+
+
+def _wait(cond, timeout=20.0):
+    t_end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < t_end, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_text_tracker_streams_only_final_text():
+    from dyvte.batching import TextTracker
+
+    words = {1: "hello", 2: "wor", 3: "ld", 4: "STOP", 5: "more"}
+    decode = lambda toks: " ".join(words[t] for t in toks).replace("wor ld", "world")  # noqa: E731
+    tr = TextTracker(decode, ("STOP",))
+    out, stopped = [], False
+    for n in range(1, 6):
+        delta, stopped = tr.update(list(range(1, n + 1)))
+        out.append(delta)
+        if stopped:
+            break
+    assert stopped and n == 4
+    text, rest, cut = tr.final(decode([1, 2, 3, 4]))
+    assert cut and text == "hello world" and "".join(out) + rest == text
+    tr = TextTracker(decode, ("wor", ))
+    assert tr.update([1]) == ("hello", False)  # "hello" cannot grow into "wor"
+    tr = TextTracker(lambda t: "abc ST", ("STOP",))
+    assert tr.update([1]) == ("abc", False)  # "ST" may become STOP: held back
+
+
+def test_parse_chat_request_options():
+    from dyvte.serve import RequestError, ServeSettings, parse_chat_request
+
+    s = ServeSettings(Path("."))
+    msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    c = parse_chat_request({"messages": msgs, "max_completion_tokens": 5, "stop": "x", "seed": 3, "temperature": 0.5,
+                            "top_p": 0.5, "stream": True, "stream_options": {"include_usage": True},
+                            "n": 1, "tool_choice": "none", "response_format": {"type": "text"},
+                            "dyvte": {"policy": "never", "gate_threshold": 0.7}}, s)
+    assert c.messages[0]["role"] == "system" and c.max_tokens == 5 and c.stop == ("x",) and c.seed == 3
+    assert (c.temperature, c.top_p, c.stream, c.include_usage, c.policy, c.gate_threshold) == \
+        (0.5, 0.5, True, True, "never", 0.7)
+    assert parse_chat_request({"messages": msgs}, s).temperature == 0.0  # greedy by default
+    for bad, param in [({"stop": ["a"] * 5}, "stop"), ({"seed": "1"}, "seed"), ({"max_tokens": 0}, "max_tokens"),
+                       ({"top_p": 0}, "top_p"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 1}, None),
+                       ({"response_format": {"type": "json_object"}}, "response_format"), ({"dyvte": {"x": 1}}, "dyvte")]:
+        with pytest.raises(RequestError) as e:
+            parse_chat_request({"messages": msgs, **bad}, s)
+        assert param is None or e.value.param == param
+
+
+def test_imports_stay_light_and_cli_help():
+    code = (
+        "import sys, dyvte.cli, dyvte.serve, dyvte.batching, dyvte.triton_repo\n"
+        "from click.testing import CliRunner\n"
+        "from dyvte.cli import main\n"
+        "for cmd in ('serve', 'triton-repo'):\n"
+        "    r = CliRunner().invoke(main, [cmd, '--help'])\n"
+        "    assert r.exit_code == 0 and '--engine-dir' in r.output, r.output\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'transformers', 'fastapi', 'uvicorn', 'starlette',\n"
+        "                     'prometheus_client', 'numpy', 'PIL', 'tritonclient') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_serve_cli_errors_are_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from dyvte.cli import main
+
+    r = CliRunner().invoke(main, ["serve", "--engine-dir", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and r.stderr.startswith("error:") and "Traceback" not in r.output
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(llama, pipelines):
+    """SIGTERM while a request waits for its batch: it is answered, then the server exits 0."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dyvte.cli", "serve", "--engine-dir", str(llama.engine_dir),
+                             "--port", str(port), "--max-wait-ms", "1500", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(healthy, 120)
+        img = make_image(6)
+        body = {"messages": user(QUESTIONS[0], img), "max_tokens": 4}
+        with ThreadPoolExecutor(1) as ex:
+            pending = ex.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            time.sleep(0.5)  # the request now waits in the 1.5 s batching window
+            proc.send_signal(signal.SIGTERM)
+            r = pending.result()
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == alone(pipelines(llama.engine_dir), QUESTIONS[0], img, 4).text
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_load_test_script(server, llama, tmp_path):
+    """scripts/load_test.py against a running server: no wrong answers, a table."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
+    out = tmp_path / "load.json"
+    r = subprocess.run([sys.executable, str(script), "--engine-dir", str(llama.engine_dir), "--url", server.url,
+                        "--clients", "3", "--requests", "2", "--serial", "3", "--distinct", "5",
+                        "--max-wait-ms", "100", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "throughput ratio" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["name"] for x in rows] == ["serial", "concurrent"]
+    assert all(x["wrong"] == 0 and x["errors"] == 0 and x["requests"] > 0 for x in rows)
+    r = subprocess.run([sys.executable, str(script), "--engine-dir", str(llama.engine_dir), "--url",
+                        "http://10.1.2.3:8000"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "loopback" in r.stderr
