@@ -55,8 +55,8 @@ def _int_list(ctx, param, value):
 def export_options(f):
     opts = [
         click.option("--model", "model", default=None,
-                     help="HF LLaVA checkpoint: local folder, HF-cache repo id, or preset (llava-7b, llava-13b). "
-                          "Default: the embedded demo model."),
+                     help="HF checkpoint (LLaVA-1.5, LLaVA-NeXT, InternVL3): local folder, HF-cache repo id, or "
+                          "preset (see README). Default: the embedded demo model."),
         click.option("--out", "out", default=None, type=click.Path(path_type=Path),
                      help="Engine folder to write (default: dyvte-engines/<model name>)."),
         click.option("--candidates", callback=_int_list, default=None,
@@ -70,6 +70,9 @@ def export_options(f):
         click.option("--max-input-len", type=int, default=None,
                      help="Longest prompt in tokens (default min(2048, positions - max-new-tokens))."),
         click.option("--max-new-tokens", type=int, default=None, help="Most generated tokens (default min(512, positions/4))."),
+        click.option("--max-tiles", type=int, default=None,
+                     help="Most image tiles one prompt may carry (default: one image's maximum for tiled families, "
+                          "as many images as fit max-input-len for LLaVA-1.5)."),
         click.option("--no-validate", is_flag=True, help="Skip checking each part against PyTorch."),
         click.option("--overwrite", is_flag=True, help="Replace an existing engine folder at --out."),
         click.option("--engines", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
@@ -80,7 +83,7 @@ def export_options(f):
     return f
 
 
-def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input_len, max_new_tokens,
+def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input_len, max_new_tokens, max_tiles,
                no_validate, overwrite, engines):
     from dyvte.exporter import ExportSettings, export
 
@@ -93,7 +96,8 @@ def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input
         out = Path("dyvte-engines") / (Path(model.rstrip("/")).name.split("/")[-1] if model else "demo-llava")
     path = export(ExportSettings(
         out=out, model=model, candidates=candidates, gates=gates, opset=opset, dtype=dtype, max_batch=max_batch,
-        max_input_len=max_input_len, max_new_tokens=max_new_tokens, validate=not no_validate, overwrite=overwrite,
+        max_input_len=max_input_len, max_new_tokens=max_new_tokens, max_tiles=max_tiles, validate=not no_validate,
+        overwrite=overwrite,
         progress=True, log=log,
     ))
     if engines == "tensorrt":
@@ -347,11 +351,13 @@ from . import serve as _serve  # noqa: E402  (its defaults; light: fastapi/uvico
 @click.option("--max-image-pixels", type=int, default=_serve.DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Per image (width x height).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the engine folder's name).")
+@click.option("--threads", type=int, default=None,
+              help="ONNX Runtime intra-op threads (--backend onnxruntime; default: one per core).")
 @click.option("--no-verify", is_flag=True, help="Skip the checksum check of the folder's files.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch, max_wait_ms, max_queue,
-              request_timeout, image_root, max_image_bytes, max_image_pixels, model_name, no_verify, log_level):
+              request_timeout, image_root, max_image_bytes, max_image_pixels, model_name, threads, no_verify, log_level):
     """OpenAI-compatible server (/v1/chat/completions, /v1/models, /health, /metrics) with dynamic batching."""
     from dyvte.serve import ServeSettings, serve
 
@@ -359,7 +365,7 @@ def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch
         engine_dir=engine_dir, backend=backend, host=host, port=port, policy=policy, gate_threshold=gate_threshold,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout,
         image_root=image_root, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        model_name=model_name, verify=not no_verify, log_level=log_level))
+        model_name=model_name, threads=threads, verify=not no_verify, log_level=log_level))
 
 
 @main.command("triton-repo", cls=Command)

@@ -80,6 +80,7 @@ class ServeSettings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     model_name: str | None = None  # default: the engine folder's name
+    threads: int | None = None  # ONNX Runtime intra-op threads (default: one per core)
     verify: bool = True
     log_level: str = "info"
 
@@ -89,6 +90,8 @@ class ServeSettings:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise InputError("max-wait-ms must be >= 0 and request-timeout > 0")
+        if self.threads is not None and (self.threads < 1 or self.backend != "onnxruntime"):
+            raise InputError("--threads takes a positive number and applies to --backend onnxruntime")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise InputError(f"--image-root {self.image_root} is not a folder")
 
@@ -125,11 +128,11 @@ def api_error(exc: Exception, param: str | None = None) -> APIError:
     if isinstance(exc, RequestError):
         return APIError(400, str(exc), "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, PromptTooLongError):
-        return bad_request(str(exc), "messages", "context_length_exceeded")
+        return APIError(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
     if isinstance(exc, PolicyError):
-        return bad_request(str(exc), "dyvte.policy", "invalid_policy")
+        return APIError(400, str(exc), "invalid_request_error", "dyvte.policy", "invalid_policy")
     if isinstance(exc, InputError):
-        return bad_request(str(exc), param)
+        return APIError(400, str(exc), "invalid_request_error", param)
     if isinstance(exc, ServiceUnavailableError):
         code = "queue_full" if isinstance(exc, QueueFullError) else "shutting_down"
         return APIError(503, str(exc), "server_error", None, code, {"Retry-After": "1"})
@@ -426,34 +429,28 @@ class ServerState:
 
     # -- request handling (prepare runs in a worker thread: JSON, images, tokenizer) ------------
     def prepare(self, raw: bytes):
-        """Request body -> (ChatRequest, pipeline Request, policy name, threshold)."""
+        """Request body -> (ChatRequest, pipeline Request, policy name, threshold). Raises
+        :class:`APIError` or :class:`~dyvte.errors.DyvteError` (see :func:`api_error`)."""
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise api_error(bad_request(f"the request body is not valid JSON ({str(exc)[:100]})", None,
-                                    "invalid_json")) from None
+            raise bad_request(f"the request body is not valid JSON ({str(exc)[:100]})", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r} "
                                 "(see GET /v1/models)", "invalid_request_error", "model", "model_not_found")
-        try:
-            chat = parse_chat_request(body, self.settings, self.max_images)
-        except RequestError as exc:
-            raise api_error(exc) from None
-        try:
-            policy = self.pipe.policy(chat.policy).name if chat.policy is not None else self.default_policy
-        except PolicyError as exc:
-            raise api_error(exc) from None
+        chat = parse_chat_request(body, self.settings, self.max_images)
+        policy = self.pipe.policy(chat.policy).name if chat.policy is not None else self.default_policy
         threshold = chat.gate_threshold if chat.gate_threshold is not None else self.settings.gate_threshold
         try:
             req = self.pipe.encode_chat(chat.messages, chat.max_tokens, chat.temperature, chat.top_p, chat.seed)
             check_request(self.pipe, req)
-        except InputError as exc:
-            param = exc.param if isinstance(exc, RequestError) else \
-                "max_tokens" if "max_tokens" in str(exc) else "messages"
-            raise api_error(exc, param) from None
+        except (RequestError, PromptTooLongError):
+            raise
+        except InputError as exc:  # the pipeline's own message; name the field it concerns
+            raise bad_request(str(exc), "max_tokens" if "max_tokens" in str(exc) else "messages") from None
         return chat, req, policy, threshold
 
     def error_response(self, err: APIError):
@@ -706,7 +703,8 @@ def serve(settings: ServeSettings) -> None:
     from dyvte.runtime import Pipeline
 
     settings.check()
-    pipe = Pipeline.load(settings.engine_dir, backend=settings.backend, verify=settings.verify)
+    options = {"threads": settings.threads} if settings.threads else {}
+    pipe = Pipeline.load(settings.engine_dir, backend=settings.backend, verify=settings.verify, **options)
     try:
         app = create_app(pipe, settings)
         state: ServerState = app.state.dyvte

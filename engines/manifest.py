@@ -174,7 +174,7 @@ class Manifest:
             f"heads {t['num_heads']}/{t['num_kv_heads']} kv, vocab {t['vocab_size']})",
             f"family         {m['family']} ({m['model_type']})",
             f"vision         {m['vision_model_type']}, tiles {m['vision']['tile_shape']} of "
-            f"{m['vision']['tokens_per_tile']} visual tokens, up to {m['vision']['max_tiles']} per image",
+            f"{m['vision']['tokens_per_tile']} visual tokens, up to {m['vision']['max_tiles']} per prompt",
             f"dtype / opset  {self.dtype} / {self.data['opset']}",
             f"candidates     {self.candidates}",
             f"gates          {'layers ' + str(self.gate_layers) if self.gate else 'none (policy gate unavailable)'}",
@@ -212,7 +212,7 @@ def synthetic_manifest(text: dict, candidates: list[int], num_visual_tokens: int
     data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "dtype": "float16", "opset": 17,
             "model": {"source": "synthetic", "family": "llava", "model_type": "llava", "image_token_id": image_token_id,
                       "pad_token_id": 0, "eos_token_ids": list(eos_token_ids), "vision_model_type": "clip_vision_model",
-                      "vision": {"tile_shape": list(image_shape), "tokens_per_tile": num_visual_tokens, "max_tiles": 1,
+                      "vision": {"tile_shape": list(image_shape), "tokens_per_tile": num_visual_tokens, "max_tiles": 1, "tiles_per_image": 1,
                                  "feature_layers": [-2], "feature_select": "default"}, "vision_extras": None},
             "text": dict(text), "candidates": list(candidates), "limits": dict(limits), "segments": segments,
             "parts": parts, "files": {}, "versions": {}}

@@ -58,6 +58,7 @@ class ExportSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_input_len: int | None = None  # None: min(2048, max_position_embeddings - max_new_tokens)
     max_new_tokens: int | None = None  # None: min(512, max_position_embeddings // 4)
+    max_tiles: int | None = None  # most image tiles per prompt; None: the family's default
     validate: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -252,7 +253,7 @@ def export(settings: ExportSettings) -> Path:
         raise InputError(f"--dtype {settings.dtype} is not one of {', '.join(DTYPES)}")
     if not MIN_OPSET <= settings.opset <= MAX_OPSET:
         raise InputError(f"--opset {settings.opset} is outside the supported range {MIN_OPSET}-{MAX_OPSET}")
-    for name in ("max_batch", "max_input_len", "max_new_tokens"):
+    for name in ("max_batch", "max_input_len", "max_new_tokens", "max_tiles"):
         value = getattr(settings, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -396,7 +397,8 @@ def export(settings: ExportSettings) -> Path:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     text = records["head"]["text"]
-    vision = records["vision"]["vision"]
+    vision = dict(records["vision"]["vision"])
+    vision["max_tiles"] = int(settings.max_tiles or family.default_max_tiles(vision, max_input))
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,

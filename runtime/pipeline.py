@@ -253,6 +253,10 @@ class Pipeline:
                 raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
             n_tok = int((p == image_id).sum())
             vision = self.family.prepare(self.vision_meta, r.vision_inputs(), i)
+            most = int(self.vision_meta["max_tiles"])
+            if vision is not None and len(vision.tiles) > most:
+                raise InputError(f"prompt {i}: its images make {len(vision.tiles)} tiles; this engine folder takes at "
+                                 f"most {most} per prompt (re-export with --max-tiles)")
             got = vision.tokens if vision is not None else 0
             if got != n_tok:
                 what = (f"its {vision.images} image(s) give {got} visual tokens" if vision is not None

@@ -147,14 +147,15 @@ def run_phase(url: str, items: list[dict], refs: list[str], clients: int, per_cl
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    lat.sort()
-
-    def pct(p):
-        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] * 1000 if lat else float("nan")
-
-    return {"clients": clients, "requests": len(lat) + len(errors), "wall_s": wall,
-            "req_per_s": len(lat) / wall if wall else 0.0, "p50_ms": pct(50), "p99_ms": pct(99),
+    return {"clients": clients, "requests": len(lat) + len(errors), "wall_s": wall, "latencies": lat,
             "wrong": len(wrong), "errors": len(errors), "wrong_examples": wrong[:3], "error_examples": errors[:3]}
+
+
+def percentile(sorted_values: list, p: float) -> float:
+    """The p-th percentile (nearest rank) of sorted latencies in s, as ms."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))] * 1000
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -176,6 +177,8 @@ def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "dyvte.cli", "serve", "--engine-dir", args.engine_dir, "--port", str(port),
            "--host", "127.0.0.1", "--backend", args.backend, "--policy", args.policy, "--max-wait-ms",
            str(max_wait_ms), "--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     t_end = time.monotonic() + 180
@@ -203,11 +206,13 @@ def main(argv=None) -> int:
     ap.add_argument("--serial", type=int, default=None, help="serial requests (default: clients x requests / 2)")
     ap.add_argument("--distinct", type=int, default=32, help="distinct requests in the workload")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batching window of the concurrent phase")
+    ap.add_argument("--threads", type=int, default=None, help="the started servers' ONNX Runtime threads")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every mode, alternated")
     ap.add_argument("--time-limit", type=float, default=600.0, help="no new request after this many seconds")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    if args.clients < 1 or args.requests < 1 or args.distinct < 1:
-        sys.exit("error: --clients, --requests and --distinct must be >= 1")
+    if min(args.clients, args.requests, args.distinct, args.rounds) < 1:
+        sys.exit("error: --clients, --requests, --distinct and --rounds must be >= 1")
     if args.url:
         check_loopback(args.url)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -220,38 +225,55 @@ def main(argv=None) -> int:
     refs = references(args.engine_dir, args.backend, args.policy, items)
     deadline = t_start + args.time_limit
     n_serial = args.serial or max(1, args.clients * args.requests // 2)
+    # modes: (name, batching window, clients, requests per client). Serial runs without a window
+    # too (its best case); the ratio is taken against the better serial mode. Rounds alternate
+    # the modes so that drift of a shared machine hits them alike.
+    modes = [("serial", 0.0, 1, n_serial), ("serial", args.max_wait_ms, 1, n_serial),
+             ("concurrent", args.max_wait_ms, args.clients, args.requests)]
+    if args.url or args.max_wait_ms == 0:  # one server: its own window
+        modes = modes[1:]
+    servers, procs = {}, []
+    try:
+        for window in dict.fromkeys(m[1] for m in modes):
+            if args.url:
+                servers[window] = args.url.rstrip("/")
+            else:
+                proc, servers[window] = start_server(args, window)
+                procs.append(proc)
+            run_phase(servers[window], items, refs, 1, min(4, len(items)), deadline)  # warm-up
+        parts = {i: [] for i in range(len(modes))}
+        for _ in range(args.rounds):
+            for i, (name, window, clients, per_client) in enumerate(modes):
+                b0, r0 = batch_stats(servers[window])
+                r = run_phase(servers[window], items, refs, clients, per_client, deadline)
+                b1, r1 = batch_stats(servers[window])
+                parts[i].append((r, b1 - b0, r1 - r0))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     rows = []
-    # (name, batching window of the server, clients, requests per client); serial is measured
-    # without a window too (its best case), and the ratio is taken against the better serial row
-    plan = [("serial", 0.0, 1, n_serial), ("serial", args.max_wait_ms, 1, n_serial),
-            ("concurrent", args.max_wait_ms, args.clients, args.requests)]
-    if args.url:  # one server: its own window
-        plan = [p for p in plan if p[1] == args.max_wait_ms]
-    for name, window, clients, per_client in plan:
-        proc = None
-        url = args.url.rstrip("/") if args.url else None
-        if url is None:
-            proc, url = start_server(args, window)
-        try:
-            run_phase(url, items, refs, 1, min(4, len(items)), deadline)  # warm-up
-            b0, r0 = batch_stats(url)
-            r = run_phase(url, items, refs, clients, per_client, deadline)
-            b1, r1 = batch_stats(url)
-        finally:
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        r.update(name=name, max_wait_ms=window if not args.url else None,
-                 mean_batch=(r1 - r0) / (b1 - b0) if b1 > b0 else float("nan"))
-        rows.append(r)
+    for i, (name, window, clients, _) in enumerate(modes):
+        rs = [p[0] for p in parts[i]]
+        lat = sorted(x for r in rs for x in r["latencies"])
+        wall = sum(r["wall_s"] for r in rs)
+        batches, in_batches = sum(p[1] for p in parts[i]), sum(p[2] for p in parts[i])
+        rows.append({"name": name, "max_wait_ms": None if args.url else window, "clients": clients,
+                     "requests": sum(r["requests"] for r in rs), "wall_s": wall,
+                     "req_per_s": len(lat) / wall if wall else 0.0, "p50_ms": percentile(lat, 50),
+                     "p99_ms": percentile(lat, 99), "mean_batch": in_batches / batches if batches else float("nan"),
+                     "wrong": sum(r["wrong"] for r in rs), "errors": sum(r["errors"] for r in rs),
+                     "wrong_examples": [w for r in rs for w in r["wrong_examples"]][:3],
+                     "error_examples": [e for r in rs for e in r["error_examples"]][:3]})
     best_serial = max((r["req_per_s"] for r in rows if r["name"] == "serial"), default=0.0)
     conc = rows[-1]
     ratio = conc["req_per_s"] / best_serial if best_serial else float("nan")
     print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}, policy {args.policy}, "
-          f"{args.distinct} distinct requests, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+          f"{args.distinct} distinct requests, {args.rounds} alternated rounds, {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d')}")
     print(f"{'mode':<11}{'wait ms':>8}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'batch':>7}{'wrong':>6}{'errors':>7}")
     for r in rows:

@@ -58,7 +58,15 @@ MODELS = {
                         hidden_size=48, intermediate_size=96, vision_layers=3), [2, 4], True),
     # vocabulary of the synthetic QA set, 96 px images, patch 24 -> 16 visual tokens
     "synth": (dict(image_size=96, patch_size=24, words=None, initializer_range=0.2), [1, 2, 3], True),
+    # LLaVA-NeXT: 30 px tiles of 25 tokens, 1x2 / 2x1 / 2x2 grids: 1 + up to 4 tiles, 80-135 tokens per image
+    "llava_next": (dict(family="llava_next", image_size=30, patch_size=6, initializer_range=0.1), [1, 2, 3], True),
+    # InternVL: Qwen2 decoder (QKV bias), 32 px tiles, patch 4, pixel shuffle -> 16 tokens, up to 6 tiles + thumbnail
+    "internvl": (dict(family="internvl", text_model="qwen2", image_size=32, patch_size=4, vision_feature_layer=-1,
+                      max_patches=4, initializer_range=0.1), [1, 2, 3], True),
 }
+
+#: Image sizes (W, H) that give each family several tile layouts and token counts.
+IMAGE_SIZES = [(40, 52), (90, 40), (31, 70), (64, 64)]
 
 
 def _build(name: str, root: Path) -> TinyModel:
@@ -77,8 +85,9 @@ def _build(name: str, root: Path) -> TinyModel:
         gates_file = root / f"{name}-gates.safetensors"
         save_gates(gates_file, gates)
     engine_dir = root / f"{name}-engine"
+    tiled = spec.family != "llava"  # room for two images per prompt (the default is one image's tiles)
     export(ExportSettings(out=engine_dir, model=str(model_dir), candidates=candidates, gates=gates_file,
-                          max_input_len=256, max_new_tokens=32, progress=False))
+                          max_input_len=256, max_new_tokens=32, max_tiles=12 if tiled else None, progress=False))
     return TinyModel(name, model_dir, engine_dir, spec, candidates, gates, gates_file)
 
 
@@ -142,11 +151,20 @@ def copy_engine(src, tmp_path):
 
 
 def make_image(seed: int = 0, size=(40, 52)):
+    """A random RGB image of ``size`` (W, H)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+
+
+def encode_inputs(pipe, seed=0, prompt="what color is the circle ?"):
+    """(input_ids [1,T], the processor's image tensors as numpy arrays) for one image and question."""
+    from dyvte.runtime.inputs import encode
+
+    ids, vision = encode(pipe.processor, make_image(seed, IMAGE_SIZES[seed % len(IMAGE_SIZES)]), prompt)
+    return ids[None], {k: v.numpy() for k, v in vision.items()}
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """An independent PyTorch implementation of the DyVTE exit semantics on the HF model.
 
-Written directly on Hugging Face modules (no dyvte code): greedy decoding without a KV cache,
+Written directly on Hugging Face modules (no dyvte code; image features from the HF model's own
+``get_image_features`` on the processor's tensors): greedy decoding without a KV cache,
 recomputing the whole sequence each step. Layers < K see every token; before layer K the
 visual positions are removed; the other tokens keep their position ids; generated tokens are
 appended at the full-length positions. Recomputing without a cache is equivalent to the cache
@@ -12,7 +13,12 @@ from __future__ import annotations
 import torch
 
 
-def _merged_embeddings(model, input_ids, pixel_values, prompt_len=None):
+def _vision(vision):
+    """The processor's image tensors as keyword arguments (a bare tensor is LLaVA-1.5's pixel_values)."""
+    return dict(vision) if isinstance(vision, dict) else {"pixel_values": vision}
+
+
+def _merged_embeddings(model, input_ids, vision, prompt_len=None):
     """Embeddings with image features at the image-token positions of the first ``prompt_len``
     tokens (default all: teacher-forced answer tokens after it are never visual)."""
     ids = input_ids.clone()
@@ -22,7 +28,9 @@ def _merged_embeddings(model, input_ids, pixel_values, prompt_len=None):
     ids[image] = 0
     embeds = model.get_input_embeddings()(ids)
     if image.any():
-        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        kw = _vision(vision)
+        kw["pixel_values"] = kw["pixel_values"].to(model.dtype)
+        feats = model.model.get_image_features(**kw, return_dict=True).pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
         embeds[image] = feats.to(embeds.dtype)
     return embeds, image
@@ -51,10 +59,10 @@ def forward_with_exit(model, embeds, positions, visual, exit_layer, return_hidde
 
 
 @torch.no_grad()
-def generate_with_exit(model, input_ids, pixel_values, exit_layer, max_new_tokens, eos_ids=(), prompt_len=None):
+def generate_with_exit(model, input_ids, vision, exit_layer, max_new_tokens, eos_ids=(), prompt_len=None):
     """Greedy tokens and their logits with all visual tokens removed before ``exit_layer``
-    (``prompt_len``: see :func:`_merged_embeddings`)."""
-    embeds, visual = _merged_embeddings(model, input_ids, pixel_values, prompt_len)
+    (``vision``: the processor's image tensors; ``prompt_len``: see :func:`_merged_embeddings`)."""
+    embeds, visual = _merged_embeddings(model, input_ids, vision, prompt_len)
     T = input_ids.shape[1]
     positions = torch.arange(T)[None]
     tokens, logits_out = [], []
@@ -72,9 +80,9 @@ def generate_with_exit(model, input_ids, pixel_values, exit_layer, max_new_token
 
 
 @torch.no_grad()
-def gate_exit(model, gates, candidates, input_ids, pixel_values, threshold=0.5):
+def gate_exit(model, gates, candidates, input_ids, vision, threshold=0.5):
     """Expected gate decision (paper Eq. 1 on HF hidden states): (exit layer, {layer: p_exit})."""
-    embeds, visual = _merged_embeddings(model, input_ids, pixel_values)
+    embeds, visual = _merged_embeddings(model, input_ids, vision)
     T = input_ids.shape[1]
     L = model.config.text_config.num_hidden_layers
     _, entering = forward_with_exit(model, embeds, torch.arange(T)[None], visual, L, return_hidden=True)
@@ -94,11 +102,11 @@ def gate_exit(model, gates, candidates, input_ids, pixel_values, threshold=0.5):
 
 
 @torch.no_grad()
-def teacher_forced(model, input_ids, pixel_values, exit_layer):
+def teacher_forced(model, input_ids, vision, exit_layer):
     """All-position logits of one teacher-forced sequence [1,T] exiting at ``exit_layer``, and the
     original position of each output row (visual positions vanish after an exit)."""
     lm = model.model.language_model
-    embeds, visual = _merged_embeddings(model, input_ids, pixel_values)
+    embeds, visual = _merged_embeddings(model, input_ids, vision)
     x, pos, vis = embeds, torch.arange(input_ids.shape[1])[None], visual
     for i, layer in enumerate(lm.layers):
         if i == exit_layer:

@@ -20,7 +20,7 @@ def test_folder_contents(tiny):
     assert set(m.parts) == {"vision", "embed", "head", "gate", *(p.name for p in m.segments)}
     for name, v in m.data["validation"].items():
         assert v["max_abs_err"] is not None and v["max_abs_err"] < 1e-4, name
-    assert m.model["family"] == "llava" and m.model["vision"]["tokens_per_tile"] == tiny.spec.num_visual_tokens
+    assert m.model["family"] == tiny.spec.family and m.model["vision"]["tokens_per_tile"] == tiny.spec.num_visual_tokens
     assert (tiny.engine_dir / "gates.safetensors").is_file()
     assert not (tiny.engine_dir.parent / (tiny.engine_dir.name + ".partial")).exists()
     seg = m.segments[0]

@@ -4,30 +4,28 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image
+from conftest import encode_inputs, make_image
 from reference import gate_exit, generate_with_exit
 
 PROMPTS = ["what color is the circle ?", "how many red squares are there in the picture ?"]
 
 
 def _inputs(pipe, seed=0, prompt=PROMPTS[0]):
-    from dyvte.runtime.inputs import encode
-
-    ids, vision = encode(pipe.processor, make_image(seed), prompt)
-    pixels = vision["pixel_values"]
-    return ids[None], pixels
+    """(ids [1,T] torch, the image's processor tensors as torch and as numpy)."""
+    ids, vision = encode_inputs(pipe, seed, prompt)
+    return ids, {k: torch.from_numpy(v) for k, v in vision.items()}, vision
 
 
 @pytest.mark.parametrize("prompt_index", [0, 1])
 def test_never_matches_hf_generate(tiny, pipelines, prompt_index):
     pipe = pipelines(tiny.engine_dir)
-    ids, pixels = _inputs(pipe, prompt_index, PROMPTS[prompt_index])
+    ids, vision, np_vision = _inputs(pipe, prompt_index, PROMPTS[prompt_index])
     hf = tiny.hf
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+        out = hf.generate(input_ids=ids, **vision, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                           do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref_tokens = out.sequences[0, ids.shape[1]:].tolist()
-    res = pipe.generate_ids(ids.numpy(), pixels.numpy(), max_new_tokens=10, policy="never", return_logits=True)
+    res = pipe.generate_ids(ids.numpy(), **np_vision, max_new_tokens=10, policy="never", return_logits=True)
     assert res.exit_layer == tiny.spec.num_layers
     assert res.token_ids == ref_tokens
     ref_logits = torch.stack(out.logits, 1)[0].numpy()
@@ -36,10 +34,10 @@ def test_never_matches_hf_generate(tiny, pipelines, prompt_index):
 
 def test_layer_exits_match_reference(tiny, pipelines):
     pipe = pipelines(tiny.engine_dir)
-    ids, pixels = _inputs(pipe, 1)
+    ids, vision, np_vision = _inputs(pipe, 1)
     for k in [0, *tiny.candidates, tiny.spec.num_layers]:
-        ref_tokens, ref_logits = generate_with_exit(tiny.hf, ids, pixels, k, 8, pipe.manifest.model["eos_token_ids"])
-        res = pipe.generate_ids(ids.numpy(), pixels.numpy(), max_new_tokens=8, policy=f"layer:{k}", return_logits=True)
+        ref_tokens, ref_logits = generate_with_exit(tiny.hf, ids, vision, k, 8, pipe.manifest.model["eos_token_ids"])
+        res = pipe.generate_ids(ids.numpy(), **np_vision, max_new_tokens=8, policy=f"layer:{k}", return_logits=True)
         assert res.exit_layer == k
         assert res.token_ids == ref_tokens, f"layer:{k}"
         np.testing.assert_allclose(res.logits, ref_logits.numpy(), atol=2e-4, rtol=0, err_msg=f"layer:{k}")
@@ -48,8 +46,8 @@ def test_layer_exits_match_reference(tiny, pipelines):
 def test_exit_changes_the_computation(llama, pipelines):
     """Sanity: the reference is sensitive to the exit layer (else the test above proves little)."""
     pipe = pipelines(llama.engine_dir)
-    ids, pixels = _inputs(pipe, 2)
-    logits = [pipe.generate_ids(ids.numpy(), pixels.numpy(), max_new_tokens=1, policy=f"layer:{k}",
+    ids, _, np_vision = _inputs(pipe, 2)
+    logits = [pipe.generate_ids(ids.numpy(), **np_vision, max_new_tokens=1, policy=f"layer:{k}",
                                 return_logits=True).logits for k in (0, 2, 4)]
     assert np.abs(logits[0] - logits[2]).max() > 1e-3
     assert np.abs(logits[1] - logits[2]).max() > 1e-4
@@ -59,20 +57,21 @@ def test_gate_decisions_follow_eq1(tiny, pipelines):
     pipe = pipelines(tiny.engine_dir)
     seen = set()
     for seed in range(3):
-        ids, pixels = _inputs(pipe, seed, PROMPTS[seed % 2])
-        _, probs = gate_exit(tiny.hf, tiny.gates, tiny.candidates, ids, pixels, threshold=1.1)  # all candidate probs
+        ids, vision, np_vision = _inputs(pipe, seed, PROMPTS[seed % 2])
+        _, probs = gate_exit(tiny.hf, tiny.gates, tiny.candidates, ids, vision, threshold=1.1)  # all candidate probs
         values = sorted(probs.values())
-        # thresholds between the probabilities make the gate exit at every candidate in turn
-        for thr in [0.0, *[(a + b) / 2 for a, b in zip(values, values[1:])], 1.0]:
-            exp_layer, exp_probs = gate_exit(tiny.hf, tiny.gates, tiny.candidates, ids, pixels, thr)
-            res = pipe.generate_ids(ids.numpy(), pixels.numpy(), max_new_tokens=3, policy="gate", gate_threshold=thr)
+        # thresholds between the probabilities make the gate exit at every candidate in turn (where
+        # the float32 gate can tell them apart)
+        for thr in [0.0, *[(a + b) / 2 for a, b in zip(values, values[1:]) if b - a > 1e-4], 1.0]:
+            exp_layer, exp_probs = gate_exit(tiny.hf, tiny.gates, tiny.candidates, ids, vision, thr)
+            res = pipe.generate_ids(ids.numpy(), **np_vision, max_new_tokens=3, policy="gate", gate_threshold=thr)
             assert res.exit_layer == exp_layer, (seed, thr, probs)
             assert res.gate_probs.keys() == exp_probs.keys()
             for k, p in exp_probs.items():
                 assert res.gate_probs[k] == pytest.approx(p, abs=1e-5)
             seen.add(res.exit_layer)
             # and the tokens after a gate exit are those of the fixed exit at the same layer
-            ref_tokens, _ = generate_with_exit(tiny.hf, ids, pixels, exp_layer, 3, pipe.manifest.model["eos_token_ids"])
+            ref_tokens, _ = generate_with_exit(tiny.hf, ids, vision, exp_layer, 3, pipe.manifest.model["eos_token_ids"])
             assert res.token_ids == ref_tokens
     assert len(seen) >= 2
 

@@ -101,7 +101,8 @@ class Family:
 
     def vision_meta(self, config, processor, module) -> dict:
         """Facts the runtime needs about the vision side (stored in the manifest's ``model``):
-        at least ``tile_shape`` [C,H,W], ``tokens_per_tile``, ``max_tiles`` (per image)."""
+        at least ``tile_shape`` [C,H,W], ``tokens_per_tile``, ``tiles_per_image`` (most tiles one image
+        makes); the exporter adds ``max_tiles`` (most tiles per prompt)."""
         raise NotImplementedError
 
     def vision_extras(self, model) -> dict:
@@ -135,6 +136,10 @@ class Family:
     def pack(self, meta: dict, features, vision: Vision, extras: dict):
         """Features [t,V,D] of ``vision.tiles`` -> the prompt's visual tokens [vision.tokens, D]."""
         return features.reshape(-1, features.shape[-1])
+
+    def default_max_tiles(self, meta: dict, max_input_len: int) -> int:
+        """Most tiles per prompt when the export does not say (--max-tiles): one image's maximum."""
+        return int(meta.get("tiles_per_image", 1))
 
     def min_visual_tokens(self, meta: dict) -> int:
         """Fewest visual tokens one image can become (TensorRT text-profile bound)."""

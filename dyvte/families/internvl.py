@@ -145,7 +145,7 @@ class InternVL(Family):
         per_image = most + (1 if most > 1 else 0)  # grid tiles + the thumbnail
         _, needed = self._feature_layer(config)
         return {"tile_shape": list(shape), "tokens_per_tile": tokens, "tiles_per_image": per_image,
-                "max_tiles": per_image, "vision_layers": needed, "downsample_ratio": float(config.downsample_ratio)}
+                "vision_layers": needed, "downsample_ratio": float(config.downsample_ratio)}
 
     def hf_tile_features(self, model, tiles):
         """The HF model's own steps of ``get_image_features`` on tiles (tower, pixel shuffle, projector)."""
@@ -195,9 +195,6 @@ class InternVL(Family):
         if tuple(px.shape[1:]) != shape:
             raise InputError(f"prompt {index}: pixel_values must have shape [tiles, {', '.join(map(str, shape))}], "
                              f"got {tuple(px.shape)}; preprocess images with the folder's processor")
-        if len(px) > int(meta["max_tiles"]):
-            raise InputError(f"prompt {index}: its images make {len(px)} tiles; this engine folder takes at most "
-                             f"{meta['max_tiles']} per prompt (re-export with --max-tiles)")
         return Vision(px, len(px) * int(meta["tokens_per_tile"]), 0, {})
 
     def vision_flops(self, meta, vision_config, text_dim, tiles):

@@ -115,7 +115,7 @@ class Llava(Family):
         with torch.no_grad():
             tokens = int(module(torch.zeros(1, *shape)).shape[1])
         _, needed = vision_layout(config)
-        return {"tile_shape": list(shape), "tokens_per_tile": tokens, "max_tiles": 1, "vision_layers": needed,
+        return {"tile_shape": list(shape), "tokens_per_tile": tokens, "tiles_per_image": 1, "vision_layers": needed,
                 "feature_layers": module.feature_layers, "feature_select": config.vision_feature_select_strategy}
 
     def hf_tile_features(self, model, tiles):
@@ -127,6 +127,9 @@ class Llava(Family):
     def hf_visual_features(self, model, inputs: dict):
         feats = self.hf_tile_features(model, inputs["pixel_values"].to(model.dtype))
         return feats.reshape(-1, feats.shape[-1])
+
+    def default_max_tiles(self, meta, max_input_len):
+        return max(1, max_input_len // int(meta["tokens_per_tile"]))  # as many images as a prompt can hold
 
     # -- run time ----------------------------------------------------------------------------------
     def split(self, meta, inputs, tokens):

@@ -66,8 +66,10 @@ class LlavaNext(Llava):
             raise UnsupportedModelError(f"image_grid_pinpoints {pins} are not multiples of the tile size {tile}")
         side = int(round(meta["tokens_per_tile"] ** 0.5))
         per_image = 1 + max(h // tile * (w // tile) for h, w in pins)
-        return {**meta, "grid_pinpoints": pins, "feature_side": side, "tiles_per_image": per_image,
-                "max_tiles": per_image}
+        return {**meta, "grid_pinpoints": pins, "feature_side": side, "tiles_per_image": per_image}
+
+    def default_max_tiles(self, meta, max_input_len):
+        return int(meta["tiles_per_image"])
 
     def vision_extras(self, model) -> dict:
         return {"image_newline": model.model.image_newline}
@@ -172,11 +174,7 @@ class LlavaNext(Llava):
             tiles.append(px[j, :n])
             layout.append((th, tw, window))
             tokens += self.image_tokens(meta, hw)
-        tiles = torch.cat(tiles)
-        if len(tiles) > int(meta["max_tiles"]):
-            raise InputError(f"prompt {index}: its images make {len(tiles)} tiles; this engine folder takes at most "
-                             f"{meta['max_tiles']} per prompt (re-export with --max-tiles)")
-        return Vision(tiles, tokens, len(sizes), {"layout": layout})
+        return Vision(torch.cat(tiles), tokens, len(sizes), {"layout": layout})
 
     def pack(self, meta, features, vision, extras):
         """features [t,V,D] -> per image: base tile, then the unpadded grid canvas row by row with

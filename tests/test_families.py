@@ -1,0 +1,172 @@
+"""Model families beyond LLaVA-1.5 (LLaVA-NeXT, InternVL3): images of different sizes, several
+images per prompt, the run-time packing against Hugging Face, bad inputs, and every command
+(train-gates, calibrate-vtw, eval, profile, lint) end to end. The generic equivalence tests
+(never vs HF generate, layer:K vs the reference, gate vs Eq. 1, torch vs ONNX Runtime) run on these
+families too through the ``tiny`` fixture."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMAGE_SIZES, MODELS, make_image
+from reference import generate_with_exit
+
+FAMILIES = ["llava_next", "internvl"]
+QUESTIONS = ["what color is the circle ?", "how many red squares are there in the picture ?", "is there a blue triangle ?",
+             "which shape is on the left ?"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tiny_models):
+    return tiny_models(request.param)
+
+
+def test_every_family_has_a_tiny_fixture():
+    from dyvte.families import families
+
+    assert {spec.get("family", "llava") for spec, _, _ in MODELS.values()} == set(families())
+
+
+def test_presets_resolve():
+    from dyvte.presets import resolve_preset
+
+    assert resolve_preset("llava-next-7b") == "llava-hf/llava-v1.6-mistral-7b-hf"
+    assert resolve_preset("llava-next-13b") == "llava-hf/llava-v1.6-vicuna-13b-hf"
+    for size in ("1b", "2b", "8b"):
+        assert resolve_preset(f"internvl3-{size}") == f"OpenGVLab/InternVL3-{size.upper()}-hf"
+
+
+def test_visual_tokens_vary_with_image_size(fam, pipelines):
+    pipe = pipelines(fam.engine_dir)
+    sizes = [*IMAGE_SIZES, (20, 20), (120, 30)]
+    counts = {pipe.encode(make_image(0, size), "what ?").vision_inputs()["pixel_values"].shape for size in sizes}
+    tokens = {pipe.run([pipe.encode(make_image(0, size), "what ?", 1)], policy="never")[0].visual_tokens
+              for size in sizes}
+    assert len(tokens) >= 3 and len(counts) >= 2
+
+
+def test_packed_features_equal_hf(fam, pipelines):
+    """Vision graph + run-time packing (unpadding, newlines, tile order) = HF get_image_features."""
+    pipe = pipelines(fam.engine_dir)
+    family = pipe.family
+    for i, size in enumerate([*IMAGE_SIZES, (100, 20), (20, 100), (7, 300)]):
+        req = pipe.encode(make_image(i, size), "what ?")
+        vision = family.prepare(pipe.vision_meta, req.vision_inputs())
+        ours = pipe.dispatcher.visual_features([vision])
+        with torch.no_grad():
+            ref = family.hf_visual_features(fam.hf, {k: torch.as_tensor(v) for k, v in req.vision_inputs().items()})
+        assert ours.shape == ref.shape == (vision.tokens, fam.spec.hidden_size), size
+        np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-5, rtol=0, err_msg=str(size))
+
+
+def test_batch_mixing_image_sizes_equals_each_alone(fam, pipelines):
+    pipe = pipelines(fam.engine_dir)
+    images = [make_image(s, IMAGE_SIZES[s % len(IMAGE_SIZES)]) for s in range(4)]
+    for policy, thr in (("gate", 0.5), ("gate", 0.9), (f"layer:{fam.candidates[1]}", 0.5)):
+        batch = pipe.generate(images, QUESTIONS, max_new_tokens=5, policy=policy, gate_threshold=thr, return_logits=True)
+        assert len({r.visual_tokens for r in batch}) >= 2  # really different sizes
+        for b, img, q in zip(batch, images, QUESTIONS):
+            a = pipe.generate(img, q, max_new_tokens=5, policy=policy, gate_threshold=thr, return_logits=True)
+            assert (b.exit_layer, b.token_ids) == (a.exit_layer, a.token_ids)
+            np.testing.assert_allclose(b.logits, a.logits, atol=1e-4, rtol=0)
+
+
+def test_two_images_in_one_prompt(fam, pipelines):
+    """A prompt with two images of different sizes: never = HF generate, layer:K = the reference."""
+    pipe = pipelines(fam.engine_dir)
+    imgs = [make_image(1, (90, 40)), make_image(2, (40, 52))]
+    req = pipe.encode_chat([{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "and"},
+                                                         {"type": "image", "image": imgs[1]},
+                                                         {"type": "text", "text": "what color ?"}]}], 6)
+    vision = {k: torch.as_tensor(v) for k, v in req.vision_inputs().items()}
+    ids = req.input_ids[None]
+    with torch.no_grad():
+        out = fam.hf.generate(input_ids=ids, **vision, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                              do_sample=False)
+    res = pipe.run([req], policy="never")[0]
+    assert res.token_ids == out[0, ids.shape[1]:].tolist()
+    k = fam.candidates[0]
+    ref, _ = generate_with_exit(fam.hf, ids, vision, k, 6, pipe.manifest.model["eos_token_ids"])
+    assert pipe.run([req], policy=f"layer:{k}")[0].token_ids == ref
+
+
+def test_bad_inputs(fam, pipelines):
+    from dyvte.errors import InputError
+
+    pipe = pipelines(fam.engine_dir)
+    req = pipe.encode(make_image(0, (90, 40)), "what ?", 2)
+    ids = req.input_ids[None].numpy()
+    px = req.pixel_values.numpy()
+    with pytest.raises(InputError, match="pixel_values must have"):
+        pipe.generate_ids(ids, px[..., :-1], **{k: v.numpy() for k, v in req.extra.items()})
+    with pytest.raises(InputError, match="no pixel_values were given|holds .* image tokens but no images"):
+        pipe.generate_ids(ids, None)
+    if fam.spec.family == "llava_next":
+        with pytest.raises(InputError, match="needs image_sizes"):
+            pipe.generate_ids(ids, px)
+        with pytest.raises(InputError, match="image_sizes has 2 rows for 1 images"):
+            pipe.generate_ids(ids, px, image_sizes=np.array([[40, 90], [40, 90]]))
+        with pytest.raises(InputError, match="image tokens, which no run of the given images makes"):
+            pipe.generate_ids(ids, px, image_sizes=np.array([[300, 20]]))  # another size: another token count
+        with pytest.raises(InputError, match="needs .* tiles, pixel_values has"):
+            pipe.generate_ids(ids, px[:, :2], image_sizes=np.array([[40, 90]]))
+        with pytest.raises(InputError, match="non-positive"):
+            pipe.generate_ids(ids, px, image_sizes=np.array([[0, 90]]))
+    else:
+        with pytest.raises(InputError, match="image tiles but the prompts' image tokens make"):
+            pipe.generate_ids(ids, px[:-1])
+    with pytest.raises(InputError, match="not an input of"):
+        pipe.generate_ids(ids, px, image_grid_thw=np.ones((1, 3)), **{k: v.numpy() for k, v in req.extra.items()})
+
+
+def test_more_tiles_than_the_exported_limit(fam, tmp_path, pipelines):
+    from dyvte.errors import InputError
+    from dyvte.exporter import ExportSettings, export
+    from dyvte.runtime import Pipeline
+
+    out = export(ExportSettings(out=tmp_path / "e", model=str(fam.model_dir), candidates=fam.candidates, max_tiles=3,
+                                max_input_len=256, max_new_tokens=8, progress=False, validate=False))
+    pipe = Pipeline.load(out, backend="onnxruntime")
+    assert pipe.vision_meta["max_tiles"] == 3
+    few, many = ((20, 20), (90, 30)) if fam.spec.family == "internvl" else ((60, 30), (64, 64))
+    pipe.generate(make_image(0, few), "what ?", max_new_tokens=1)  # 1 (InternVL) or 3 (NeXT) tiles: fine
+    with pytest.raises(InputError, match=r"make [45] tiles; this engine folder takes at most 3 per prompt.*--max-tiles"):
+        pipe.generate(make_image(0, many), "what ?", max_new_tokens=1)
+    meta = pipe.vision_meta
+    assert pipe.family.default_max_tiles(meta, 256) == meta["tiles_per_image"] > 2  # default: one image's maximum
+
+
+def test_processor_folder_is_standard(fam):
+    data = json.loads((fam.engine_dir / "processor" / "processor_config.json").read_text())
+    assert data["processor_class"] == {"llava_next": "LlavaNextProcessor", "internvl": "InternVLProcessor"}[fam.spec.family]
+
+
+def test_commands_end_to_end(fam, synth_data, tmp_path):
+    """train-gates, export with them, calibrate-vtw, eval (family FLOPs), profile and lint."""
+    from dyvte.engines.lint import lint_folder
+    from dyvte.engines.manifest import Manifest
+    from dyvte.engines.profile import profile
+    from dyvte.evaluate import evaluate
+    from dyvte.exporter import ExportSettings, export
+    from dyvte.gate_training import GateTrainSettings, train_gates
+    from dyvte.vtw import calibrate_vtw
+
+    data, root = synth_data
+    gates = tmp_path / "gates.safetensors"
+    report = train_gates(GateTrainSettings(out=gates, model=str(fam.model_dir), data=data, image_root=root,
+                                           candidates=fam.candidates, samples=8, epochs=1, lr=1e-3, batch_size=4,
+                                           forward_batch=4, hidden=8, shard_size=8, progress=False))
+    assert report["samples"] == 8 and set(report["positive_rate"]) == set(fam.candidates)
+    out = export(ExportSettings(out=tmp_path / "e", model=str(fam.model_dir), candidates=fam.candidates, gates=gates,
+                                max_input_len=256, max_new_tokens=8, progress=False))
+    cal = calibrate_vtw(out, data, root, samples=3, eta=1e9, backend="onnxruntime", progress=False)
+    assert cal["exit_layer"] == fam.candidates[0]
+    summary, rows = evaluate(out, data, root, ["never", "gate", "vtw", "layer:0"], "onnxruntime", 4, 3, progress=False)
+    assert summary["never"]["mean_exit_layer"] == fam.spec.num_layers
+    assert summary["layer:0"]["tflops"] < summary["vtw"]["tflops"] < summary["never"]["tflops"]
+    assert len({r["prompt_tokens"] for r in rows}) >= 2  # images of different sizes: different prompts
+    res = profile(out, "onnxruntime", reps=1, text_tokens=4, decode_tokens=2, progress=False)
+    assert res["visual_tokens"] > 0 and res["end_to_end"]["never"]["prefill_gflops"] > 0
+    assert lint_folder(Manifest.load(out)).ok
