@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Prefill benchmark on one CPU: DyVTE ``layer:K`` vs ``never`` vs Hugging Face eager ``generate``.
 
-Builds (once, cached in --workdir) a random LLaVA of the issue's shape -- d=1024, 16 decoder
-layers, 576 visual tokens (336 px, patch 14), ~40 text tokens -- exports it with dyvte's
-default candidates, and times, interleaved in one process:
+Builds (once, cached in --workdir) a random model of the family's shape -- d=1024, 16 decoder
+layers, a small 336-px / patch-14 CLIP tower (576 tokens per tile), ~40 text tokens -- exports
+it with dyvte's default candidates, and times, interleaved in one process:
 
   never     dyvte ONNX Runtime pipeline, policy never, max_new_tokens=1 (= prefill + 1st token)
   layer:K   the same pipeline, all visual tokens dropped before layer K
-  hf        transformers LlavaForConditionalGeneration (eager attention), generate(max_new_tokens=1)
+  hf        the transformers model (eager attention), generate(max_new_tokens=1)
+
+``--family llava`` (default): LLaVA-1.5, one 336-px image = 576 visual tokens.
+``--family llava_next``: LLaVA-NeXT with LLaVA-1.6's grid pinpoints; a 672x672 image is a base tile
+plus 2x2 tiles = 2,928 visual tokens (``--image W H`` for other sizes).
 
 and prints medians, exit/never next to the FLOPs ratio (dyvte/flops.py) and never/hf.
 ``--sweep`` also exports the model with candidates every 1, 2 (default), 4 and 16 layers and
@@ -27,14 +31,19 @@ PROMPT = ("look at the picture and tell me which shape is on the left of the red
           "square at the top right has , is there one triangle or two ?")
 
 
+LLAVA_16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
 def build(workdir: Path, args):
     from dyvte.tiny import TinyLlavaSpec, build_tiny_llava
 
+    extra = {"grid_pinpoints": LLAVA_16_PINPOINTS} if args.family == "llava_next" else {}
     spec = TinyLlavaSpec(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
                          num_kv_heads=args.hidden // 64, intermediate_size=int(args.hidden * 2.75),
                          vision_hidden_size=256, vision_layers=3, vision_heads=4, vision_intermediate_size=1024,
-                         image_size=336, patch_size=14, words=tuple(sorted(set(PROMPT.split()))))
-    model_dir = workdir / f"llava-d{args.hidden}-L{args.layers}"
+                         image_size=336, patch_size=14, words=tuple(sorted(set(PROMPT.split()))),
+                         max_position_embeddings=4096, family=args.family, **extra)
+    model_dir = workdir / f"{args.family}-d{args.hidden}-L{args.layers}"
     if not (model_dir / "config.json").is_file():
         print(f"building {model_dir}", file=sys.stderr)
         build_tiny_llava(spec, model_dir, seed=0)
@@ -47,7 +56,7 @@ def export_once(model_dir: Path, out: Path, candidates=None):
     if not (out / "manifest.json").is_file():
         print(f"exporting {out}", file=sys.stderr)
         export(ExportSettings(out=out, model=str(model_dir), candidates=candidates, progress=True,
-                              max_input_len=1024, max_new_tokens=16))
+                              max_input_len=3072, max_new_tokens=16))
     return out
 
 
@@ -60,6 +69,9 @@ def timed(fn, sink: list):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    ap.add_argument("--family", choices=["llava", "llava_next"], default="llava")
+    ap.add_argument("--image", type=int, nargs=2, default=None, metavar=("W", "H"),
+                    help="image size (default 336x336, 672x672 for llava_next)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--exit", type=int, default=8, help="K of policy layer:K")
@@ -78,24 +90,25 @@ def main(argv=None):
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = build(args.workdir, args)
-    engine = export_once(model_dir, args.workdir / "engine")
+    engine = export_once(model_dir, args.workdir / f"engine-{args.family}")
     pipe = Pipeline.load(engine, backend="onnxruntime")
     hf = load_model(model_dir)
     from PIL import Image
 
-    image = Image.fromarray((np.random.RandomState(0).rand(336, 336, 3) * 255).astype("uint8"))
+    w, h = args.image or ((672, 672) if args.family == "llava_next" else (336, 336))
+    image = Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype("uint8"))
     ids, vision = encode(pipe.processor, image, PROMPT)
-    pixels = vision["pixel_values"]
-    n_vis = pipe.manifest.model["vision"]["tokens_per_tile"]
     T = len(ids)
-    ids_np, px_np = ids[None].numpy(), pixels.numpy()
+    ids_np, vision_np = ids[None].numpy(), {k: v.numpy() for k, v in vision.items()}
     hf_ids, mask = ids[None], torch.ones(1, T, dtype=torch.long)
+    probe = pipe.generate_ids(ids_np, **vision_np, max_new_tokens=1, policy="never")
+    n_vis, tiles = probe.visual_tokens, probe.image_tiles
 
     variants = {
-        "never": lambda: pipe.generate_ids(ids_np, px_np, max_new_tokens=1, policy="never"),
-        f"layer:{args.exit}": lambda: pipe.generate_ids(ids_np, px_np, max_new_tokens=1, policy=f"layer:{args.exit}"),
-        "hf": lambda: hf.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=1,
-                                  do_sample=False),
+        "never": lambda: pipe.generate_ids(ids_np, **vision_np, max_new_tokens=1, policy="never"),
+        f"layer:{args.exit}": lambda: pipe.generate_ids(ids_np, **vision_np, max_new_tokens=1,
+                                                        policy=f"layer:{args.exit}"),
+        "hf": lambda: hf.generate(input_ids=hf_ids, **vision, attention_mask=mask, max_new_tokens=1, do_sample=False),
     }
     sweep = {}
     if args.sweep:
@@ -113,18 +126,18 @@ def main(argv=None):
             for name, fn in variants.items():
                 timed(fn, times[name])
             for name, p in sweep.items():  # prefill and decode with policy never
-                r = p.generate_ids(ids_np, px_np, max_new_tokens=16, policy="never")
+                r = p.generate_ids(ids_np, **vision_np, max_new_tokens=16, policy="never")
                 times.setdefault(name, []).append(r.timings["prefill_s"])
                 decode[name].append(r.timings["decode_tokens_per_s"])
 
     t = pipe.manifest.text
-    vis = flops.manifest_vision_flops(pipe.manifest)
+    vis = flops.manifest_vision_flops(pipe.manifest, tiles)
     f_never = flops.prefill_flops(t, T, n_vis, t["num_layers"], vis)
     f_exit = flops.prefill_flops(t, T, n_vis, args.exit, vis)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     threads = torch.get_num_threads()
-    print(f"\nprefill on CPU ({threads} threads), d={t['hidden_size']}, L={t['num_layers']}, "
-          f"{T} prompt tokens ({n_vis} visual, {T - n_vis} text), fp32, median of {args.reps}")
+    print(f"\n{args.family} prefill on CPU ({threads} threads), d={t['hidden_size']}, L={t['num_layers']}, "
+          f"{T} prompt tokens ({n_vis} visual in {tiles} tile(s), {T - n_vis} text), fp32, median of {args.reps}")
     print(f"{'variant':<24}{'median s':>10}{'min s':>10}{'GFLOPs':>10}")
     gfl = {"never": f_never, f"layer:{args.exit}": f_exit, "hf": f_never}
     for k in variants:
@@ -143,7 +156,7 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({"times": times, "median": med, "flops": {"never": f_never, "exit": f_exit},
                                          "decode_tokens_per_s": decode, "prompt_tokens": T, "visual_tokens": n_vis,
-                                         "threads": threads}, indent=2))
+                                         "tiles": tiles, "family": args.family, "threads": threads}, indent=2))
 
 
 if __name__ == "__main__":

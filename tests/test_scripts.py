@@ -50,6 +50,14 @@ def test_bench_prefill_small(tmp_path, capsys):
     assert res["flops"]["exit"] < res["flops"]["never"]
 
 
+def test_bench_prefill_llava_next_small(tmp_path, capsys):
+    out = tmp_path / "prefill.json"
+    _load("bench_prefill").main(["--workdir", str(tmp_path), "--family", "llava_next", "--image", "700", "340",
+                                 "--hidden", "64", "--layers", "4", "--exit", "2", "--reps", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["family"] == "llava_next" and res["tiles"] >= 3 and res["visual_tokens"] > 2 * 576
+
+
 def test_precision_report_small(tmp_path, capsys):
     rows = _load("precision_report").main(["--before", "60", "--after", "8", "--workdir", str(tmp_path)])
     assert "HF error" in capsys.readouterr().out
