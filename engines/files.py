@@ -126,10 +126,11 @@ class OnnxWeights:
             info = {e.key: e.value for e in init.external_data}
             src = inside(self.path.parent, info["location"])
             offset, length = int(info.get("offset", 0)), int(info["length"])
+            raw = bytearray(length)  # read straight into the tensor's memory (no second copy)
             with open(src, "rb") as f:
                 f.seek(offset)
-                raw = bytearray(f.read(length))
-            if len(raw) != length:
+                got = f.readinto(raw)
+            if got != length:
                 raise EngineFolderError(f"{src} is truncated (initializer {name}); re-export the folder")
             t = torch.frombuffer(raw, dtype=tdt) if raw else torch.empty(0, dtype=tdt)
             return t.reshape(shape)

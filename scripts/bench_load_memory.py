@@ -7,7 +7,8 @@ Builds a random LLaVA of the given shape (Llama decoder, small CLIP tower), expo
 (``--folder-dtype``, default float16), then, in fresh processes, builds its torch
 runner (what ``Pipeline.load(dir, backend="torch", device=DEVICE, dtype=DTYPE)`` does besides
 reading the manifest and the tokenizer) for each ``--dtypes`` and reports the peak resident
-memory this added (``ru_maxrss`` after it minus the resident size just before it, imports done) next to the size of the weights in the target dtype.
+memory this added (the process's high-water RSS, ``VmHWM``, after it minus the resident size just
+before it, imports done; ``ru_maxrss`` would count the parent's memory from before the exec) next to the size of the weights in the target dtype.
 The torch backend builds its modules on the meta device and reads each weight from the ONNX
 files straight into the target dtype and device, so the ratio should stay near 1 on CPU and near 0
 host memory on CUDA. Use ``--folder DIR`` to measure an existing folder.
@@ -36,13 +37,17 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
+def high_water():  # this process's peak RSS (ru_maxrss would include the parent's from before exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
 folder, device, dtype = sys.argv[1:4]
 manifest = Manifest.load(folder, verify=False)
 base = rss()
 t = time.perf_counter()
 r = create_runner("torch", manifest, device=device, dtype=dtype)
 seconds = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 mods = [*r.segments, r.embed_mod, r.head_mod, r.vision_mod] + ([r.gate_mod] if r.gate_mod is not None else [])
 weights = sum(t.nbytes for m in mods for t in [*m.parameters(), *m.buffers()])
 print(json.dumps({"baseline": base, "peak": peak, "weights": weights, "seconds": seconds, "rss_after": rss()}))
