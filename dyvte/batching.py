@@ -4,7 +4,9 @@ A :class:`Batcher` owns one worker thread. Requests (:class:`Job`) wait in a bou
 worker takes the oldest one, waits until ``max_wait_s`` after its arrival, or after the end of the
 previous batch if it arrived while that one ran (or until ``max_batch`` requests with the same
 exit policy are waiting), and runs them as ONE ``Pipeline.run`` call, in which every sample exits
-on its own and keeps its own token limit, sampling and stop strings.
+on its own and keeps its own token limit, sampling and stop strings. It waits only while more
+requests may come (some are being received, see :meth:`Batcher.arriving`, or the last batch held
+several), so a lone client is never delayed.
 An answer is therefore the same whether its request ran alone or in a batch.
 
 Streaming and stop strings use ``Pipeline.run``'s ``on_step`` hook: after every generated token
@@ -19,6 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +29,9 @@ from dyvte.errors import DyvteError, InputError
 from dyvte.settings import DEFAULT_MAX_NEW_TOKENS_RUN
 
 log = logging.getLogger("dyvte.serve")
+
+#: A batch of several requests is taken as a sign of load for this long after it ended.
+BUSY_MEMORY_S = 1.0
 
 
 class ServiceUnavailableError(DyvteError):
@@ -186,15 +192,21 @@ class Batcher:
         self._closing = False
         self._running = 0  # jobs in the batch being run
         self._last_end = 0.0  # when the last batch finished (time.monotonic())
+        self._last_size = 0
+        self._arriving = 0  # requests being read and encoded, about to be submitted
         self._thread = threading.Thread(target=self._loop, name="dyvte-batcher", daemon=True)
         self._thread.start()
 
     # -- submitting ----------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; raises :class:`QueueFullError` or :class:`ShuttingDownError`."""
+    def submit(self, job: Job, arrival=None) -> None:
+        """Queue ``job`` (``arrival``: from :meth:`arriving`); raises :class:`QueueFullError` or
+        :class:`ShuttingDownError`."""
         if job.stop or job.on_delta is not None:
             job.tracker = TextTracker(self.pipe.decode, job.stop)
         with self._cond:
+            if arrival and arrival[0]:
+                arrival[0] = False
+                self._arriving -= 1
             if self._closing:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
             if len(self._pending) >= self.max_queue:
@@ -202,6 +214,23 @@ class Batcher:
             job.enqueued = time.monotonic()
             self._pending.append(job)
             self._cond.notify_all()
+
+    @contextmanager
+    def arriving(self):
+        """Count a request as on its way (being read and encoded) until it is submitted (pass
+        what this yields to :meth:`submit`) or the block ends, so that a batch about to start
+        waits for it (up to the window)."""
+        arrival = [True]
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._cond:
+                if arrival[0]:
+                    arrival[0] = False
+                    self._arriving -= 1
+                    self._cond.notify_all()
 
     def cancel(self, job: Job, error: Exception) -> None:
         """Withdraw ``job`` (timeout, client gone): dropped from the queue, or its row stopped at
@@ -274,19 +303,22 @@ class Batcher:
                 self._cond.wait()
             first = self._pending[0]
             # wait from the oldest request's arrival, or from the end of the last batch when it
-            # arrived while that one ran: clients answered by that batch are about to send again
+            # arrived while that one ran (clients answered by that batch are about to send again),
+            # but only while more requests may come: some are arriving, or the last batch (recent)
+            # held several. A lone client never waits.
             window_end = max(first.enqueued, self._last_end) + self.max_wait_s
             while not self._closing:
                 if sum(1 for j in self._pending if j.key == first.key) >= self.max_batch:
                     break
-                left = window_end - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                busy = self._last_size > 1 and now - self._last_end < BUSY_MEMORY_S
+                if now >= window_end or not (self._arriving or busy):
                     break
-                self._cond.wait(left)
+                self._cond.wait(window_end - now)
             batch = [j for j in self._pending if j.key == first.key][: self.max_batch]
             for job in batch:
                 self._pending.remove(job)
-            self._running = len(batch)
+            self._running = self._last_size = len(batch)
             return batch
 
     def _run(self, batch: list[Job]) -> None:

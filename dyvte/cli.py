@@ -55,7 +55,8 @@ def _int_list(ctx, param, value):
 def export_options(f):
     opts = [
         click.option("--model", "model", default=None,
-                     help="HF checkpoint (LLaVA-1.5, LLaVA-NeXT, InternVL3): local folder, HF-cache repo id, or "
+                     help="HF checkpoint (LLaVA-1.5, LLaVA-NeXT, InternVL3, Qwen2-VL, Qwen2.5-VL): local folder, "
+                          "HF-cache repo id, or "
                           "preset (see README). Default: the embedded demo model."),
         click.option("--out", "out", default=None, type=click.Path(path_type=Path),
                      help="Engine folder to write (default: dyvte-engines/<model name>)."),
@@ -72,7 +73,11 @@ def export_options(f):
         click.option("--max-new-tokens", type=int, default=None, help="Most generated tokens (default min(512, positions/4))."),
         click.option("--max-tiles", type=int, default=None,
                      help="Most image tiles one prompt may carry (default: one image's maximum for tiled families, "
-                          "as many images as fit max-input-len for LLaVA-1.5)."),
+                          "as many images as fit max-input-len for LLaVA-1.5 and Qwen-VL, where a tile is an image)."),
+        click.option("--max-pixels", type=int, default=None,
+                     help="Qwen-VL: largest image in pixels the vision graph takes (default: the processor's "
+                          "max_pixels, lowered so that one image fits max-input-len); the saved processor resizes "
+                          "to it."),
         click.option("--no-validate", is_flag=True, help="Skip checking each part against PyTorch."),
         click.option("--overwrite", is_flag=True, help="Replace an existing engine folder at --out."),
         click.option("--engines", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
@@ -84,7 +89,7 @@ def export_options(f):
 
 
 def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input_len, max_new_tokens, max_tiles,
-               no_validate, overwrite, engines):
+               max_pixels, no_validate, overwrite, engines):
     from dyvte.exporter import ExportSettings, export
 
     if engines == "tensorrt":
@@ -96,7 +101,8 @@ def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input
         out = Path("dyvte-engines") / (Path(model.rstrip("/")).name.split("/")[-1] if model else "demo-llava")
     path = export(ExportSettings(
         out=out, model=model, candidates=candidates, gates=gates, opset=opset, dtype=dtype, max_batch=max_batch,
-        max_input_len=max_input_len, max_new_tokens=max_new_tokens, max_tiles=max_tiles, validate=not no_validate,
+        max_input_len=max_input_len, max_new_tokens=max_new_tokens, max_tiles=max_tiles, max_pixels=max_pixels,
+        validate=not no_validate,
         overwrite=overwrite,
         progress=True, log=log,
     ))
@@ -350,6 +356,8 @@ from . import serve as _serve  # noqa: E402  (its defaults; light: fastapi/uvico
               help="Per encoded image.")
 @click.option("--max-image-pixels", type=int, default=_serve.DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Per image (width x height).")
+@click.option("--max-body-bytes", type=int, default=_serve.DEFAULT_MAX_BODY_BYTES, show_default=True,
+              help="Per request body (413 beyond).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the engine folder's name).")
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime intra-op threads (--backend onnxruntime; default: one per core).")
@@ -357,7 +365,8 @@ from . import serve as _serve  # noqa: E402  (its defaults; light: fastapi/uvico
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch, max_wait_ms, max_queue,
-              request_timeout, image_root, max_image_bytes, max_image_pixels, model_name, threads, no_verify, log_level):
+              request_timeout, image_root, max_image_bytes, max_image_pixels, max_body_bytes, model_name, threads,
+              no_verify, log_level):
     """OpenAI-compatible server (/v1/chat/completions, /v1/models, /health, /metrics) with dynamic batching."""
     from dyvte.serve import ServeSettings, serve
 
@@ -365,7 +374,8 @@ def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch
         engine_dir=engine_dir, backend=backend, host=host, port=port, policy=policy, gate_threshold=gate_threshold,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout,
         image_root=image_root, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        model_name=model_name, threads=threads, verify=not no_verify, log_level=log_level))
+        max_body_bytes=max_body_bytes, model_name=model_name, threads=threads, verify=not no_verify,
+        log_level=log_level))
 
 
 @main.command("triton-repo", cls=Command)

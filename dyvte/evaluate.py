@@ -59,7 +59,7 @@ def evaluate(engine_dir, data=None, image_root=None, policies=None, backend="aut
                 req.max_new_tokens = max_new_tokens
                 r = pipe.run([req], policy=pol, gate_threshold=gate_threshold)[0]
                 T, k = len(req.input_ids), r.exit_layer  # k = 0 only for layer:0, which skips the vision tower
-                n_vis, vis = r.visual_tokens, flops.manifest_vision_flops(m, r.image_tiles)
+                n_vis, vis = r.visual_tokens, flops.manifest_vision_flops(m, r.image_tiles, r.image_grids)
                 n_new = len(r.token_ids)
                 dec_layers = (flops.prefill_flops(t, T, n_vis, k, head=False)
                               + flops.decode_flops(t, T, n_vis, k, n_new, head=False))

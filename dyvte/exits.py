@@ -2,7 +2,8 @@
 
 Used by gate training (labels: normal run vs exit run), VTW-style analyses and the demo model's
 training. Sequences are right-padded, teacher-forced (prompt + answer). An exit at layer k
-drops every visual position before layer k; the remaining tokens keep their position ids.
+drops every visual position before layer k; the remaining tokens keep their position ids
+(``[B,S,R]``: R = 3 M-RoPE rows for Qwen-VL, handed to HF as [3,B,S]).
 The runtime implements the same semantics for deployment (runtime/dispatch.py); the tests check
 both against an independent reference.
 """
@@ -19,7 +20,7 @@ class Seq:
     """A right-padded batch of token states. Shapes: hidden [B,S,D], the rest [B,S]."""
 
     hidden: torch.Tensor
-    position_ids: torch.Tensor
+    position_ids: torch.Tensor  # [B,S,R] (R rows per token)
     mask: torch.Tensor  # 1 = real token
     visual: torch.Tensor  # bool
     index: torch.Tensor  # original column of each token (to align labels after an exit)
@@ -50,9 +51,15 @@ class ExitModel:
         if visual.any():
             feats = image_features if image_features is not None else self.image_features(vision)
             x = x.masked_scatter(visual[..., None], feats.reshape(-1, x.shape[-1]).to(x.dtype))
-        pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        inputs = vision if isinstance(vision, dict) or vision is None else {"pixel_values": vision}
+        pos = self.family.hf_positions(self.model, input_ids, attention_mask, inputs)  # [B,S,R]
         idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return Seq(x, pos, attention_mask, visual, idx)
+
+    @staticmethod
+    def hf_position_ids(position_ids):
+        """[B,S,R] -> HF's layout: [B,S] for 1-D RoPE, [R,B,S] for M-RoPE."""
+        return position_ids[..., 0] if position_ids.shape[-1] == 1 else position_ids.permute(2, 0, 1)
 
     def layers(self, s: Seq, start: int, end: int, collect=()) -> tuple[Seq, dict]:
         """Run decoder layers [start, end); ``collect``: layers whose input hidden state to keep."""
@@ -61,12 +68,13 @@ class ExitModel:
         allowed = causal[None] & s.mask.bool()[:, None, :]
         bias = torch.zeros(B, 1, S, S, dtype=s.hidden.dtype, device=s.hidden.device)
         bias = bias.masked_fill(~allowed[:, None], torch.finfo(s.hidden.dtype).min)
-        cos_sin = self.lm.rotary_emb(s.hidden, s.position_ids)
+        pos = self.hf_position_ids(s.position_ids)
+        cos_sin = self.lm.rotary_emb(s.hidden, pos)
         x, kept = s.hidden, {}
         for i in range(start, end):
             if i in collect:
                 kept[i] = x
-            x = self.lm.layers[i](x, attention_mask=bias, position_ids=s.position_ids, position_embeddings=cos_sin)
+            x = self.lm.layers[i](x, attention_mask=bias, position_ids=pos, position_embeddings=cos_sin)
             x = x[0] if isinstance(x, tuple) else x
         return Seq(x, s.position_ids, s.mask, s.visual, s.index), kept
 

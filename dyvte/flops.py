@@ -10,7 +10,8 @@ heads and Hkv key/value heads of size hd, model width d):
 With MHA (Hkv = H, H·hd = d) and no cache this is 2·n·(4d² + 3dm) + 4·n²·d. A prefill of
 n_full tokens exiting at layer k costs layers [0, k) on n_full tokens and [k, L) on the
 n_text = n_full - visual tokens. The vision side (each family's formula over the tiles it encodes:
-ViT patch embedding, layers up to the feature layer, projector) and the lm_head on the last token
+ViT patch embedding, layers up to the feature layer, projector; Qwen-VL per image, with full or
+window attention per block and the patch merger) and the lm_head on the last token
 are included; the gate adds 2·(2d·h + 2h) per evaluation. Norms, RoPE, softmax and residual adds
 are ignored (< 1%).
 """
@@ -60,12 +61,14 @@ def decode_flops(t: dict, prompt_full: int, n_visual: int, exit_layer: int, new_
     return total
 
 
-def manifest_vision_flops(manifest, tiles: int = 1) -> float:
-    """Vision FLOPs of ``tiles`` tiles of an engine folder (its family's formula)."""
+def manifest_vision_flops(manifest, tiles: int = 1, grids=None) -> float:
+    """Vision FLOPs of ``tiles`` tiles of an engine folder (its family's formula; ``grids``: the
+    per-image sizes of families whose cost depends on them, ``Result.image_grids``)."""
     import json
 
     from dyvte.families import family_named
 
     cfg = json.loads(manifest.path(manifest.data["hf_config"]).read_text())
     m = manifest.model
-    return family_named(m["family"]).vision_flops(m["vision"], cfg["vision_config"], manifest.text["hidden_size"], tiles)
+    return family_named(m["family"]).vision_flops(m["vision"], cfg["vision_config"], manifest.text["hidden_size"], tiles,
+                                                  grids)

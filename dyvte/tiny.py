@@ -1,4 +1,4 @@
-"""Small VLM checkpoints built from code (LLaVA-1.5, LLaVA-NeXT, InternVL): a word-level
+"""Small VLM checkpoints built from code (LLaVA-1.5, LLaVA-NeXT, InternVL, Qwen2-VL, Qwen2.5-VL): a word-level
 tokenizer, the family's processor with a chat template, and a randomly initialised model saved in
 HF format.
 
@@ -17,6 +17,12 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID = range(5)
 #: InternVL's image tokens (text delimiters and the placeholder the features fill).
 INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                    "video_token": "<video>"}
+
+#: Qwen-VL's image tokens: the placeholder the features fill, the video placeholder and the text
+#: delimiters around each image.
+QWEN_VL_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def chat_template(image: str = "<image>") -> str:
@@ -69,14 +75,21 @@ class TinyLlavaSpec:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rope_theta: float = 10000.0
-    family: str = "llava"  # llava | llava_next | internvl
+    family: str = "llava"  # llava | llava_next | internvl | qwen2_vl | qwen2_5_vl
     grid_pinpoints: tuple = ()  # llava_next (H, W) pairs; default 1x2, 2x1 and 2x2 tiles
     downsample_ratio: float = 0.5  # internvl pixel shuffle
     max_patches: int = 6  # internvl tiles per image (+ a thumbnail)
+    min_pixels: int = 0  # qwen: image pixel range of the processor (0: 4 and 100 visual tokens)
+    max_pixels: int = 0
+    window_size: int = 0  # qwen2_5_vl window side in pixels (0: 3 merged units)
+    full_blocks: tuple = (1,)  # qwen2_5_vl full-attention vision blocks
+    mrope_section: tuple = ()  # qwen: frequency slots of the t, h, w rows (default: head_dim/2 split 1:1.5:1.5)
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens per tile (LLaVA-1.5: per image)."""
+        """Visual tokens per tile (LLaVA-1.5: per image; Qwen-VL: fewest per image)."""
+        if self.family in QWEN_FAMILIES:
+            return max(1, -(-self.pixel_range[0] // (2 * self.patch_size) ** 2))
         n = (self.image_size // self.patch_size) ** 2
         if self.family == "internvl":
             return int(n * self.downsample_ratio ** 2)
@@ -88,15 +101,32 @@ class TinyLlavaSpec:
         return [list(p) for p in self.grid_pinpoints] or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
 
     @property
+    def pixel_range(self) -> tuple[int, int]:
+        """Qwen-VL processor's (min_pixels, max_pixels)."""
+        token = (2 * self.patch_size) ** 2  # pixels per visual token (2x2 merge)
+        return self.min_pixels or 4 * token, self.max_pixels or 100 * token
+
+    @property
     def special_tokens(self) -> dict[str, str]:
         """Named special tokens of the tokenizer (``image_token`` etc.)."""
         if self.family == "internvl":
             return dict(INTERNVL_TOKENS)
+        if self.family in QWEN_FAMILIES:
+            return dict(QWEN_VL_TOKENS)
         return {"image_token": "<image>"}
 
     @property
     def image_placeholder(self) -> str:
-        return self.special_tokens.get("context_image_token", "<image>")
+        """The token image features fill."""
+        tokens = self.special_tokens
+        return tokens.get("context_image_token") or tokens.get("image_token", "<image>")
+
+    @property
+    def image_markup(self) -> str:
+        """What the chat template writes for one image."""
+        if self.family in QWEN_FAMILIES:
+            return "<|vision_start|><|image_pad|><|vision_end|>"
+        return self.image_placeholder
 
     @property
     def vocab(self) -> list[str]:
@@ -136,7 +166,18 @@ def build_tokenizer(vocab: list[str], special_tokens: dict | None = None):
 def build_processor(spec: TinyLlavaSpec):
     """The family's processor with a word-level tokenizer and LLaVA-1.5's chat format."""
     tokenizer = build_tokenizer(spec.vocab, spec.special_tokens)
-    template = chat_template(spec.image_placeholder)
+    template = chat_template(spec.image_markup)
+    if spec.family in QWEN_FAMILIES:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from .families import family_named
+        from .families.qwen_vl import image_only_processor_class
+
+        lo, hi = spec.pixel_range
+        ip = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi, patch_size=spec.patch_size, merge_size=2,
+                                      temporal_patch_size=2)
+        cls = image_only_processor_class(family_named(spec.family).stock_processor)
+        return cls(image_processor=ip, tokenizer=tokenizer, chat_template=template)
     if spec.family == "llava_next":
         from transformers import LlavaNextProcessor
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -171,8 +212,40 @@ def build_processor(spec: TinyLlavaSpec):
     )
 
 
+def _qwen_config(spec: TinyLlavaSpec):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    head_dim = spec.hidden_size // spec.num_heads
+    half = head_dim // 2
+    section = list(spec.mrope_section) or [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    text = dict(vocab_size=len(spec.vocab), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position_embeddings,
+                rope_theta=spec.rope_theta, rope_scaling={"type": "mrope", "mrope_section": section},
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                initializer_range=spec.initializer_range)
+    ids = {name: spec.vocab.index(tok) for name, tok in QWEN_VL_TOKENS.items()}
+    common = dict(text_config=text, image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+                  vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
+                  tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, initializer_range=spec.initializer_range)
+    if spec.family == "qwen2_vl":
+        return Qwen2VLConfig(vision_config=dict(vision, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
+                                                mlp_ratio=spec.vision_intermediate_size // spec.vision_hidden_size),
+                             **common)
+    window = spec.window_size or 3 * 2 * spec.patch_size
+    return Qwen2_5_VLConfig(vision_config=dict(vision, hidden_size=spec.vision_hidden_size,
+                                               intermediate_size=spec.vision_intermediate_size,
+                                               out_hidden_size=spec.hidden_size, window_size=window,
+                                               fullatt_block_indexes=list(spec.full_blocks)), **common)
+
+
 def build_config(spec: TinyLlavaSpec):
     from transformers import AutoConfig, CLIPVisionConfig, InternVLConfig, LlavaConfig, LlavaNextConfig
+
+    if spec.family in QWEN_FAMILIES:
+        return _qwen_config(spec)
 
     text_kwargs = dict(
         hidden_size=spec.hidden_size,
@@ -238,6 +311,8 @@ def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, mo
                     layer.lambda_2.uniform_(0.5, 1.5)
             if spec.family == "llava_next":
                 model.model.image_newline.normal_(0.0, 1.0)
+        for key, value in (("bos_token_id", BOS_ID), ("eos_token_id", EOS_ID), ("pad_token_id", PAD_ID)):
+            setattr(model.generation_config, key, value)
     model.save_pretrained(out_dir, safe_serialization=True)
     family.save_processor(build_processor(spec), out_dir)
     return out_dir

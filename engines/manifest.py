@@ -173,8 +173,7 @@ class Manifest:
             f"model          {m['source']}  ({t['num_layers']} layers, d={t['hidden_size']}, "
             f"heads {t['num_heads']}/{t['num_kv_heads']} kv, vocab {t['vocab_size']})",
             f"family         {m['family']} ({m['model_type']})",
-            f"vision         {m['vision_model_type']}, tiles {m['vision']['tile_shape']} of "
-            f"{m['vision']['tokens_per_tile']} visual tokens, up to {m['vision']['max_tiles']} per prompt",
+            f"vision         {m['vision_model_type']}, {_family(m).describe(m['vision'])}",
             f"dtype / opset  {self.dtype} / {self.data['opset']}",
             f"candidates     {self.candidates}",
             f"gates          {'layers ' + str(self.gate_layers) if self.gate else 'none (policy gate unavailable)'}",
@@ -193,6 +192,12 @@ class Manifest:
             lines.append(f"  {name:<11} {part.kind:<8}{extra:<18} {size / 1e6:9.2f} MB{val}")
         lines.append("versions       " + ", ".join(f"{k} {v}" for k, v in self.data["versions"].items()))
         return "\n".join(lines)
+
+
+def _family(model: dict):
+    from dyvte.families import family_named
+
+    return family_named(model["family"])
 
 
 def synthetic_manifest(text: dict, candidates: list[int], num_visual_tokens: int, image_shape, limits: dict,

@@ -43,6 +43,12 @@ def polygraphy_commands(manifest, text_tokens: int = 40, batch: int = 1) -> list
 
     ranges = {"attention_mask": "[1,1]", "position_ids": f"[0,{T}]", "input_ids": f"[0,{vocab - 1}]",
               "text_mask": "[0,1]", "gate_index": "[0,0]"}
+    feeds = _vision_feeds(manifest)
+    vision_axes = {}
+    for t in manifest.parts["vision"].inputs:  # the named axes of one example image's feeds
+        vision_axes.update({d: n for d, n in zip(t["shape"], feeds[t["name"]].shape) if isinstance(d, str)})
+        if not feeds[t["name"]].is_floating_point():  # host-computed indices: keep them in range
+            ranges[t["name"]] = f"[{int(feeds[t['name']].min())},{int(feeds[t['name']].max())}]"
     for name, part in manifest.parts.items():
         if part.kind == "segment":
             modes = [("full", {"batch": batch, "seq": T, "past": 0}, 0),
@@ -50,7 +56,7 @@ def polygraphy_commands(manifest, text_tokens: int = 40, batch: int = 1) -> list
                      ("decode", {"batch": batch, "seq": 1, "past": T}, 2)]
         else:
             seq = {"embed": T, "gate": T, "head": 1}.get(part.kind, 1)
-            modes = [("default", {"batch": batch, "seq": seq, "images": batch}, 0)]
+            modes = [("default", {"batch": batch, "seq": seq, **vision_axes}, 0)]
         names = {t["name"] for t in part.inputs}
         vr = " ".join(f"{k}:{v}" for k, v in ranges.items() if k in names)
         for mode, axes, prof in modes:
@@ -79,29 +85,32 @@ def profile(engine_dir, backend: str = "auto", reps: int = 10, text_tokens: int 
     T = V + text_tokens
     g = torch.Generator().manual_seed(0)
     dev, dt = r.device, r.dtype
-    tiles = pipe.family.prepare(pipe.vision_meta, inputs).tiles
-    pixels = torch.randn(tiles.shape, generator=g).to(dev)
+    feeds = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v).to(dev)
+             for k, v in _vision_feeds(m).items()}  # random pixels, the family's index inputs
     ids = torch.randint(5, m.text["vocab_size"], (1, T), generator=g).to(dev)
     hidden = (torch.randn(1, T, D, generator=g) * 0.5).to(dev, dt)
-    pos = torch.arange(T, device=dev)[None]
+    pos = torch.arange(T, device=dev)[None]  # [1,T]
+    if m.text.get("mrope_section"):
+        pos = pos.expand(3, 1, T)  # M-RoPE rows (t, h, w), the segment graph's [3,B,S]
     mask = torch.ones(1, T + decode_tokens + reps + 2, dtype=torch.int64, device=dev)
     parts = {}
     with torch.inference_mode():
-        parts["vision"] = _median_time(lambda: r.vision(pixels), r, reps)
+        parts["vision"] = _median_time(lambda: r.vision(feeds), r, reps)
         parts["embed"] = _median_time(lambda: r.embed(ids), r, reps)
         for j, seg in enumerate(m.segments):
             def full():
                 r.segment(j, hidden, pos, mask[:, :T], r.new_cache(j, 1, T + 1), "full")
 
             def text():
-                r.segment(j, hidden[:, V:], pos[:, V:], mask[:, :text_tokens], r.new_cache(j, 1, text_tokens + 1), "text")
+                r.segment(j, hidden[:, V:], pos[..., V:], mask[:, :text_tokens], r.new_cache(j, 1, text_tokens + 1),
+                          "text")
 
             cache = r.new_cache(j, 1, T + reps + 2)
             r.segment(j, hidden, pos, mask[:, :T], cache, "full")
 
             def decode():
                 P = cache.length
-                r.segment(j, hidden[:, -1:], pos[:, -1:] + 1, mask[:, : P + 1], cache, "decode")
+                r.segment(j, hidden[:, -1:], pos[..., -1:] + 1, mask[:, : P + 1], cache, "decode")
 
             parts[f"{seg.name} full"] = _median_time(full, r, reps)
             parts[f"{seg.name} text"] = _median_time(text, r, reps)
@@ -121,8 +130,8 @@ def profile(engine_dir, backend: str = "auto", reps: int = 10, text_tokens: int 
                 "prefill_s": statistics.median(x.timings["prefill_s"] for x in runs),
                 "decode_tokens_per_s": statistics.median(x.timings["decode_tokens_per_s"] for x in runs),
                 "exit_layer": runs[0].exit_layer,
-                "prefill_gflops": flops.prefill_flops(m.text, T, V, runs[0].exit_layer,
-                                                      flops.manifest_vision_flops(m, runs[0].image_tiles)) / 1e9,
+                "prefill_gflops": flops.prefill_flops(m.text, T, V, runs[0].exit_layer, flops.manifest_vision_flops(
+                    m, runs[0].image_tiles, runs[0].image_grids)) / 1e9,
             }
     result = {"engine_dir": str(engine_dir), "backend": pipe.backend, "device": str(dev), "dtype": str(dt).split(".")[-1],
               "prompt_tokens": T, "visual_tokens": V, "reps": reps, "parts_s": parts, "end_to_end": e2e,
@@ -136,6 +145,15 @@ def _image(manifest):
     from dyvte.families import family_named
 
     return family_named(manifest.model["family"]).example(manifest.model["vision"])
+
+
+def _vision_feeds(manifest) -> dict:
+    """The vision graph's feeds for that synthetic image (its first call)."""
+    from dyvte.families import family_named
+
+    family, meta = family_named(manifest.model["family"]), manifest.model["vision"]
+    inputs, _ = family.example(meta)
+    return family.vision_calls(meta, [family.prepare(meta, inputs)])[0]
 
 
 def _prompt(pipe, T):

@@ -7,9 +7,12 @@ profiles, one per way the dispatcher calls it (see runtime/backends/base.py MODE
     text    prefill after an exit:         seq in [1, max_input_len - V], past = 0
     decode  one token with a cache:        seq = 1, past in [1, max_input_len + max_new_tokens - 1]
 
-(V = the fewest visual tokens one image can become, from the model family; total = past + seq.
-The vision part's ``images`` axis counts tiles: up to max_batch x the family's tiles per image.) The lint checks these against the graphs,
-the TensorRT builder and runner use them.
+(V = the fewest visual tokens one image can become, from the model family; total = past + seq.)
+The vision part's profiles come from the family: LLaVA-style ``images`` counts tiles, up to
+max_batch x the folder's tiles per prompt; Qwen-VL encodes one image per call, so ``patches``
+ranges up to the export's patches per image (``--max-pixels``) and ``windows`` up to the most
+windows such an image has. The lint checks these against the graphs, the TensorRT builder and
+runner use them.
 """
 
 from __future__ import annotations
@@ -57,8 +60,7 @@ def part_profiles(manifest, part, limits: Limits) -> dict[str, dict[str, tuple[i
                        "total": (2, min(total, n_in + 1), total)},
         }
     if part.kind == "vision":
-        tiles = B * int(vmeta["max_tiles"])
-        return {"default": {"images": (1, min(tiles, int(vmeta["max_tiles"])), tiles)}}
+        return family.vision_profiles(vmeta, B)
     if part.kind == "embed":
         return {"default": {"batch": b, "seq": (1, min(n_in, tokens + 64), n_in)}}
     if part.kind == "gate":

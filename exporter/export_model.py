@@ -59,6 +59,7 @@ class ExportSettings:
     max_input_len: int | None = None  # None: min(2048, max_position_embeddings - max_new_tokens)
     max_new_tokens: int | None = None  # None: min(512, max_position_embeddings // 4)
     max_tiles: int | None = None  # most image tiles per prompt; None: the family's default
+    max_pixels: int | None = None  # dynamic-resolution families (Qwen-VL): largest image in pixels
     validate: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -253,7 +254,7 @@ def export(settings: ExportSettings) -> Path:
         raise InputError(f"--dtype {settings.dtype} is not one of {', '.join(DTYPES)}")
     if not MIN_OPSET <= settings.opset <= MAX_OPSET:
         raise InputError(f"--opset {settings.opset} is outside the supported range {MIN_OPSET}-{MAX_OPSET}")
-    for name in ("max_batch", "max_input_len", "max_new_tokens", "max_tiles"):
+    for name in ("max_batch", "max_input_len", "max_new_tokens", "max_tiles", "max_pixels"):
         value = getattr(settings, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -286,13 +287,18 @@ def export(settings: ExportSettings) -> Path:
 
         gates = load_gates(gates_path, candidates, text_config.hidden_size)
 
+    from dyvte.models import load_model, load_processor
+
+    processor = family.limit_processor(load_processor(model_dir), settings.max_pixels, max_input)
+    image_size = str(dict(getattr(processor.image_processor, "size", None) or {}))  # the vision part's limits
+
     staging = out.with_name(out.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "onnx").mkdir(exist_ok=True)
     state = _State(staging)
     base = _digest(SCHEMA_VERSION, __version__, _model_fingerprint(model_dir), settings.dtype, settings.opset)
     bounds = [0, *candidates, L]
-    plan = [("vision", ()), ("embed", ()), *((f"segment_{i}", (a, b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))]
+    plan = [("vision", (image_size,)), ("embed", ()), *((f"segment_{i}", (a, b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))]
     gates_digest = sha256_file(Path(gates_path)) if gates else None
     if gates:
         plan.append(("gate", tuple(candidates)))
@@ -305,9 +311,6 @@ def export(settings: ExportSettings) -> Path:
 
     import torch
 
-    from dyvte.models import load_model, load_processor
-
-    processor = load_processor(model_dir)
     model = None
     if pending:
         log(f"loading {model_dir}")
@@ -324,8 +327,7 @@ def export(settings: ExportSettings) -> Path:
             if name == "vision":
                 module = family.vision_from_hf(model, tdt)
                 vision_meta = family.vision_meta(config, processor, module)
-                part = P.vision_part(module, vision_meta["tile_shape"], vision_meta["tokens_per_tile"],
-                                     spec.hidden_size, settings.dtype)
+                part = family.vision_part(module, vision_meta, spec.hidden_size, settings.dtype)
             elif name == "embed":
                 part = P.embed_part(hf.embed_from_hf(model, spec, tdt), settings.dtype)
             elif name == "head":
@@ -347,7 +349,8 @@ def export(settings: ExportSettings) -> Path:
             if settings.validate:
                 runner = (_torch_runner(part, path, aliases, unused, spec, config, settings.dtype)
                           if settings.dtype in TORCH_VALIDATED else _session_runner(path))
-                err = validate(part, runner, model, settings.dtype, gates, max_position=max_input + max_new - 1)
+                err = validate(part, runner, model, settings.dtype, gates, max_position=max_input + max_new - 1,
+                               vision_meta=vision_meta)
             rec = {
                 "key": keys[name],
                 "files": _file_meta(staging, written),

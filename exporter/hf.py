@@ -54,6 +54,12 @@ def text_spec(model) -> TextSpec:
         )
     attn = layer.self_attn
     head_dim = attn.head_dim
+    mrope = family_of(model).mrope_section(model)
+    if mrope is not None and sum(mrope) != rope.inv_freq.numel():
+        raise UnsupportedModelError(
+            f"mrope_section {list(mrope)} sums to {sum(mrope)}, the rotary embedding has {rope.inv_freq.numel()} "
+            "frequencies (head_dim / 2); fix rope_parameters.mrope_section in the checkpoint's config"
+        )
     return TextSpec(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
@@ -70,6 +76,7 @@ def text_spec(model) -> TextSpec:
         o_bias=attn.o_proj.bias is not None,
         mlp_bias=layer.mlp.gate_proj.bias is not None,
         max_position_embeddings=cfg.max_position_embeddings,
+        mrope_section=mrope,
     )
 
 

@@ -46,12 +46,21 @@ class TextSpec:
     o_bias: bool
     mlp_bias: bool
     max_position_embeddings: int
+    mrope_section: tuple[int, ...] | None = None  # M-RoPE: frequency slots per (t, h, w) chunk; None = 1-D RoPE
+
+    @property
+    def rope_rows(self) -> int:
+        """Position-id rows per token: 3 for M-RoPE, else 1."""
+        return 3 if self.mrope_section else 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TextSpec":
+        data = dict(data)
+        if data.get("mrope_section") is not None:
+            data["mrope_section"] = tuple(int(x) for x in data["mrope_section"])
         return cls(**data)
 
 
@@ -226,7 +235,30 @@ def attention_bias(attention_mask: torch.Tensor, query_len, start=None) -> torch
     return bias[:, None, None]
 
 
-class DecoderSegment(nn.Module):
+class Float32Frequencies(nn.Module):
+    """A module whose ``inv_freq`` buffer stays float32 under ``.to(dtype)`` / ``.half()`` (an fp16
+    inv_freq is off by whole radians at positions in the thousands); it follows device moves."""
+
+    def _apply(self, fn, recurse=True):
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if inv_freq.device.type != "meta" or self.inv_freq.device.type == "meta":
+            self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
+        return self
+
+
+def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, section) -> torch.Tensor:
+    """M-RoPE angles: position_ids [3,B,S] (t, h, w) -> float32 [B,S,hd/2]; frequency chunk i of
+    ``section`` (sizes summing to hd/2) takes its positions from row i % 3."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [3,B,S,hd/2]
+    chunks, at = [], 0
+    for i, n in enumerate(section):
+        chunks.append(freqs[i % 3, ..., at: at + n])  # [B,S,n]
+        at += n
+    return torch.cat(chunks, dim=-1)
+
+
+class DecoderSegment(Float32Frequencies):
     """Decoder layers [start, end) with KV cache in and out (see module docstring)."""
 
     def __init__(self, spec: TextSpec, start: int, end: int, inv_freq: torch.Tensor | None = None):
@@ -237,18 +269,13 @@ class DecoderSegment(nn.Module):
             inv_freq = torch.zeros(spec.rope_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float().clone())
 
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() must not round the RoPE frequencies (an fp16 inv_freq is off by
-        # whole radians at positions in the thousands): they follow device moves, stay float32.
-        inv_freq = self.inv_freq
-        super()._apply(fn, recurse)
-        if inv_freq.device.type != "meta" or self.inv_freq.device.type == "meta":
-            self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
-        return self
-
     def rope(self, position_ids: torch.Tensor):
-        # position_ids: [B,S] -> float32 cos/sin [B,1,S,hd], whatever the activation dtype
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B,S,hd/2]
+        # position_ids: [B,S] (or [3,B,S] with M-RoPE) -> float32 cos/sin [B,1,S,hd], whatever the
+        # activation dtype
+        if self.spec.mrope_section:
+            freqs = mrope_angles(position_ids, self.inv_freq, self.spec.mrope_section)  # [B,S,hd/2]
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B,S,hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         scale = self.spec.attention_scaling
         return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]

@@ -3,7 +3,8 @@ and example inputs for tracing. The exporter, the validator, the manifest and th
 profiles all read these descriptions.
 
 Named axes: ``batch``, ``seq`` (new tokens), ``past`` (cached tokens), ``total`` (past + seq),
-``images``. Every other axis is fixed by the model.
+``images``; a family's vision part may name its own (Qwen-VL: ``patches``, ``tokens``, ...). Every
+other axis is fixed by the model.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _gen(seed: int) -> torch.Generator:
 
 def segment_io(spec: TextSpec, start: int, end: int, dtype: str):
     hkv, hd, d = spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    positions = [spec.rope_rows, "batch", "seq"] if spec.rope_rows > 1 else ["batch", "seq"]  # M-RoPE: 3 rows
     inputs = [
         TensorSpec("hidden_states", ["batch", "seq", d], dtype),
-        TensorSpec("position_ids", ["batch", "seq"], "int64"),
+        TensorSpec("position_ids", positions, "int64"),
         TensorSpec("attention_mask", ["batch", "total"], "int64"),
     ]
     outputs = [TensorSpec("hidden_states_out", ["batch", "seq", d], dtype)]
@@ -69,9 +71,12 @@ def segment_part(index: int, module: DecoderSegment, dtype: str) -> Part:
     B, S, P = 2, 3, 2  # S > 1 so tracing keeps the general prefill path
     tdt = getattr(torch, dtype)
     g = _gen(index)
+    pos = torch.arange(P, P + S).repeat(B, 1)  # [B,S]
+    if spec.rope_rows > 1:
+        pos = torch.stack([pos + r for r in range(spec.rope_rows)])  # [R,B,S], distinct rows
     example = [
         torch.randn(B, S, spec.hidden_size, generator=g).to(tdt),
-        torch.arange(P, P + S).repeat(B, 1),
+        pos,
         torch.ones(B, P + S, dtype=torch.int64),
     ]
     example += [torch.randn(B, spec.num_kv_heads, P, spec.head_dim, generator=g).to(tdt) for _ in inputs[3:]]

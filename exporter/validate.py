@@ -113,6 +113,14 @@ def _segment_cases(spec, dtype, max_position: int):
     yield "long decode", rand(1, 1, d), torch.tensor([[top]]), torch.ones(1, 9, dtype=torch.int64), 8
 
 
+def _position_rows(pos, spec, top: int):
+    """The segment graph's position ids for 1-D ids [B,S]: unchanged, or three distinct (t, h, w)
+    rows [3,B,S] for M-RoPE (every row stays within [0, top], the t row reaches top)."""
+    if spec.rope_rows == 1:
+        return pos
+    return torch.stack([pos, pos.flip(-1), (pos * 7) % (top + 1)])
+
+
 def validate_segment(part, session_run, model, dtype: str, max_position: int) -> float:
     start, end = part.info["layers"]
     spec = part.module.spec
@@ -122,6 +130,7 @@ def validate_segment(part, session_run, model, dtype: str, max_position: int) ->
     tdt = getattr(torch, dtype)
     worst = 0.0
     for case, hidden, pos, mask, P in _segment_cases(spec, dtype, max_position):
+        pos = _position_rows(pos, spec, max_position)
         g = torch.Generator().manual_seed(P + 1)
         past = {
             i: tuple(torch.randn(hidden.shape[0], spec.num_kv_heads, P, spec.head_dim, generator=g).to(tdt) for _ in range(2))
@@ -160,9 +169,11 @@ def gate_reference(gates: dict, layer: int, hidden, text_mask):
     return torch.stack(probs)
 
 
-def validate(part, session_run, model, dtype: str, gates: dict | None = None, max_position: int = 2047) -> float:
+def validate(part, session_run, model, dtype: str, gates: dict | None = None, max_position: int = 2047,
+             vision_meta: dict | None = None) -> float:
     """Run the exported graph (``session_run(feeds) -> list of tensors``) against PyTorch;
-    decoder segments also at ``max_position``, the largest position the folder allows."""
+    decoder segments also at ``max_position``, the largest position the folder allows; the vision
+    part on the family's cases (``vision_meta``: its facts and limits)."""
     tdt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -178,9 +189,11 @@ def validate(part, session_run, model, dtype: str, gates: dict | None = None, ma
             return compare(part.name, "logits", session_run({"hidden_states": hidden})[0], ref, dtype)
         if part.kind == "vision":
             family = hf.family_of(model)
-            pixels = torch.randn(2, *part.inputs[0].shape[1:], generator=g)
-            ref = family.hf_tile_features(_f32_view(model, family.vision_paths), pixels)
-            return compare(part.name, "image_features", session_run({"pixel_values": pixels})[0], ref, dtype)
+            worst = 0.0
+            for case, feeds, ref in family.vision_cases(_f32_view(model, family.vision_paths), part, vision_meta or {}, g):
+                name = f"{part.name} ({case})" if case else part.name
+                worst = max(worst, compare(name, part.outputs[0].name, session_run(feeds)[0], ref, dtype))
+            return worst
         if part.kind == "gate":
             d = part.module.fc1.shape[2] // 2
             hidden = torch.randn(3, 6, d, generator=g).to(tdt)

@@ -6,6 +6,11 @@ segment a batch is split into at most two groups: sequences still carrying their
 kept). Each group runs as its own batch with its own KV cache, so an exited sample costs what it
 would cost alone. Decisions are taken once, at prefill; decoding reuses the same groups.
 
+Position ids are carried as [G,S,R] (R = 1 for 1-D RoPE, 3 for M-RoPE rows t, h, w) from the
+family's :meth:`~dyvte.families.Family.positions`, and handed to a segment in the graph's layout
+([B,S] or [3,B,S]); generated tokens continue at each row's next position (prompt length for 1-D
+RoPE, largest M-RoPE position + 1), exit or not.
+
 Only rows with visual tokens and at least one text token after them can exit: a prompt without
 an image has nothing to drop, and one that ends with its image has no text for the gate to
 read. Such rows run every layer in the full group (exit layer L, no gate probabilities) under
@@ -28,7 +33,7 @@ class Group:
 
     rows: torch.Tensor  # batch indices, int64
     hidden: torch.Tensor  # [G,S,D]
-    position_ids: torch.Tensor  # [G,S] int64
+    position_ids: torch.Tensor  # [G,S,R] int64 (R rows per token)
     mask: torch.Tensor  # [G,S] int64, 0 = left padding
     visual: torch.Tensor  # [G,S] bool, visual positions (all False once exited)
     text_mask: torch.Tensor  # [G,S] int64, gate features: text tokens before the last one
@@ -88,7 +93,8 @@ class SegmentGroup:
 
 @dataclass
 class Batch:
-    """Left-padded prompts. ids/mask/visual/text_mask: [B,T]; lengths, exitable [B]."""
+    """Left-padded prompts. ids/mask/visual/text_mask: [B,T]; positions [B,T,R]; lengths,
+    next_positions, exitable [B]."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -97,6 +103,8 @@ class Batch:
     lengths: torch.Tensor  # real prompt lengths
     visions: list  # per row: dyvte.families.Vision (tiles to encode, packing) or None
     exitable: torch.Tensor  # bool: visual tokens with text after them (see module docstring)
+    positions: torch.Tensor = None  # [B,T,R] int64 position ids (0 at left padding)
+    next_positions: torch.Tensor = None  # [B] position of each row's first generated token
 
 
 @dataclass
@@ -109,14 +117,25 @@ class Generation:
     timings: dict = field(default_factory=dict)
 
 
-def make_batch(prompts: list[torch.Tensor], visions: list, image_token_id: int, device) -> Batch:
-    """Left-pad 1-D id tensors; mark visual positions and the gate's text tokens."""
+def make_batch(prompts: list[torch.Tensor], visions: list, image_token_id: int, device, family=None,
+               meta: dict | None = None) -> Batch:
+    """Left-pad 1-D id tensors; mark visual positions and the gate's text tokens; each row's
+    position ids from ``family`` (default: 1-D RoPE, 0..len-1)."""
+    from dyvte.families import Family
+
+    family = family or Family()
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, T, dtype=torch.int64)
     mask = torch.zeros(B, T, dtype=torch.int64)
+    rows = []
     for i, p in enumerate(prompts):
         ids[i, T - len(p):] = p
         mask[i, T - len(p):] = 1
+        rows.append(family.positions(meta or {}, p == image_token_id, visions[i]))
+    positions = torch.zeros(B, T, family.rope_rows, dtype=torch.int64)
+    for i, (pos, _) in enumerate(rows):
+        positions[i, T - len(pos):] = pos
+    next_positions = torch.tensor([n for _, n in rows], dtype=torch.int64)
     visual = (ids == image_token_id) & mask.bool()
     cols = torch.arange(T)
     last_visual = torch.where(visual, cols, -1).max(1).values  # [B], -1 without image
@@ -124,7 +143,7 @@ def make_batch(prompts: list[torch.Tensor], visions: list, image_token_id: int, 
     exitable = (last_visual >= 0) & (last_visual < T - 1)  # [B]: an image, and text after it
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device),
-                 list(visions), exitable.to(device))
+                 list(visions), exitable.to(device), positions.to(device), next_positions.to(device))
 
 
 class Dispatcher:
@@ -151,16 +170,17 @@ class Dispatcher:
         return self._extras
 
     def visual_features(self, visions: list):
-        """Features [n,D] of every row's visual tokens, in prompt order: one vision call for all
-        tiles of the batch, then each row's packing."""
+        """Features [n,D] of every row's visual tokens, in prompt order: the family's vision calls
+        for the batch's images (LLaVA-style: one call with every tile; Qwen-VL: one per image),
+        then each row's packing."""
         visions = [v for v in visions if v is not None]
-        feats = self.runner.vision(torch.cat([v.tiles for v in visions]))  # [t,V,D]
         meta, extras = self.manifest.model["vision"], self.extras()
-        out, at = [], 0
-        for v in visions:
-            out.append(self.family.pack(meta, feats[at: at + len(v.tiles)], v, extras))
-            at += len(v.tiles)
-        return torch.cat(out)
+        outputs = [self.runner.vision(feeds) for feeds in self.family.vision_calls(meta, visions)]
+        return torch.cat(self.family.unpack(meta, outputs, visions, extras))
+
+    def graph_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids [G,S,R] -> the segment graph's layout: [G,S] (1-D RoPE) or [R,G,S]."""
+        return positions[..., 0] if positions.shape[-1] == 1 else positions.permute(2, 0, 1)
 
     # -- prefill -----------------------------------------------------------------------------
     def _exits(self, boundary: int, g: Group, exitable: torch.Tensor, policy: Policy, threshold: float,
@@ -198,8 +218,7 @@ class Dispatcher:
             hidden[batch.visual] = self.visual_features(batch.visions).to(hidden.dtype)
         runner.synchronize()
         vision_s = time.perf_counter() - t0
-        positions = (batch.mask.cumsum(1) - 1).clamp(min=0)
-        full = Group(torch.arange(B, device=dev), hidden, positions, batch.mask, batch.visual, batch.text_mask)
+        full = Group(torch.arange(B, device=dev), hidden, batch.positions, batch.mask, batch.visual, batch.text_mask)
         text = None
         state = []
         for j, (a, b) in enumerate(self.segments):
@@ -216,7 +235,7 @@ class Dispatcher:
                     continue
                 G, S = g.mask.shape
                 cache = runner.new_cache(j, G, S + max_new, mode)
-                g.hidden = runner.segment(j, g.hidden, g.position_ids, g.mask, cache, mode)
+                g.hidden = runner.segment(j, g.hidden, self.graph_positions(g.position_ids), g.mask, cache, mode)
                 mask = torch.ones(G, S + max_new, dtype=torch.int64, device=dev)
                 mask[:, :S] = g.mask
                 whole = G == B and bool((g.rows == torch.arange(B, device=dev)).all())
@@ -230,17 +249,19 @@ class Dispatcher:
 
     # -- decode ------------------------------------------------------------------------------
     def decode_step(self, hidden, positions, state):
-        """One token per sequence through every segment. hidden [B,1,D], positions [B,1]."""
+        """One token per sequence through every segment. hidden [B,1,D], positions [B,1,R]."""
         runner = self.runner
         for j, groups in enumerate(state):
             if len(groups) == 1 and groups[0].whole:
                 g = groups[0]
-                hidden = runner.segment(j, hidden, positions, g.mask[:, : g.cache.length + 1], g.cache, "decode")
+                hidden = runner.segment(j, hidden, self.graph_positions(positions), g.mask[:, : g.cache.length + 1],
+                                        g.cache, "decode")
                 continue
             out = torch.empty_like(hidden)
             for g in groups:
                 mask = g.mask[:, : g.cache.length + 1]
-                out[g.rows] = runner.segment(j, hidden[g.rows], positions[g.rows], mask, g.cache, "decode").to(out.dtype)
+                pos = self.graph_positions(positions[g.rows])
+                out[g.rows] = runner.segment(j, hidden[g.rows], pos, mask, g.cache, "decode").to(out.dtype)
             hidden = out
         return hidden
 
@@ -284,8 +305,10 @@ class Dispatcher:
         runner.synchronize()
         t1 = time.perf_counter()
         step = 1
+        rows = batch.positions.shape[-1]
         while not finished:
-            positions = (batch.lengths + step - 1)[:, None]  # full-length positions, exit or not
+            # each row's next position (prompt length, or M-RoPE max + 1) + step, exit or not
+            positions = (batch.next_positions + step - 1)[:, None, None].expand(B, 1, rows)  # [B,1,R]
             hidden = self.decode_step(runner.embed(token[:, None]), positions, state)
             logits = runner.head(hidden)[:, -1].float()
             token = sampler(logits)

@@ -63,7 +63,8 @@ class Result:
     prompt_tokens: int = 0
     policy: str = ""
     visual_tokens: int = 0  # of the prompt (the family's count for its images)
-    image_tiles: int = 0  # tiles the vision part encoded (FLOPs)
+    image_tiles: int = 0  # tiles the vision part encoded (FLOPs; Qwen-VL: images)
+    image_grids: list = field(default_factory=list)  # per image, its size facts for the vision FLOPs (Qwen-VL: t, h, w)
 
     def to_dict(self) -> dict:
         return {
@@ -182,8 +183,9 @@ class Pipeline:
                      gate_threshold: float = DEFAULT_GATE_THRESHOLD, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int | None = None, return_logits: bool = False, **processor_outputs):
         """Generate from token ids [B,T] int64 and the images' pixel values (numpy or torch; the
-        family's processor layout, e.g. [N,3,H,W] float32 for LLaVA-1.5), plus the other tensors
-        the family's processor returns under their HF names (``image_sizes`` for LLaVA-NeXT, ...).
+        family's processor layout, e.g. [N,3,H,W] float32 for LLaVA-1.5, [patches, C*T*p*p] for
+        Qwen-VL), plus the other tensors the family's processor returns under their HF names
+        (``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` and ``mm_token_type_ids`` for Qwen-VL).
 
         ``attention_mask`` [B,T] marks real tokens when rows are padded. Returns one
         :class:`Result` for B = 1, else a list.
@@ -202,6 +204,9 @@ class Pipeline:
             prompts = [row[m] for row, m in zip(ids, mask)]
         else:
             prompts = list(ids)
+        refused = sorted(set(processor_outputs) & set(self.family.unsupported_inputs))
+        if refused:
+            raise InputError(f"{', '.join(refused)}: {self.family.unsupported_inputs[refused[0]]}")
         unknown = sorted(set(processor_outputs) - set(self.family.processor_inputs))
         if unknown:
             raise InputError(f"{', '.join(unknown)}: not an input of {self.family.hf_class} (it takes "
@@ -252,10 +257,11 @@ class Pipeline:
             if len(other) and (int(other.min()) < 0 or int(other.max()) >= vocab):
                 raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
             n_tok = int((p == image_id).sum())
+            self.family.check_ids(self.vision_meta, p, i)
             vision = self.family.prepare(self.vision_meta, r.vision_inputs(), i)
             most = int(self.vision_meta["max_tiles"])
-            if vision is not None and len(vision.tiles) > most:
-                raise InputError(f"prompt {i}: its images make {len(vision.tiles)} tiles; this engine folder takes at "
+            if vision is not None and vision.num_tiles > most:
+                raise InputError(f"prompt {i}: its images make {vision.num_tiles} tiles; this engine folder takes at "
                                  f"most {most} per prompt (re-export with --max-tiles)")
             got = vision.tokens if vision is not None else 0
             if got != n_tok:
@@ -286,7 +292,7 @@ class Pipeline:
             max_new, visions = self._check(requests)
             runner = self.runner
             batch = make_batch([r.input_ids.long() for r in requests], visions, self.manifest.model["image_token_id"],
-                               runner.device)
+                               runner.device, self.family, self.vision_meta)
             sampler = Sampler([r.sampling for r in requests], device=runner.device)
             gen = self.dispatcher.generate(batch, pol, gate_threshold, max_new, sampler,
                                            self.manifest.model["eos_token_ids"], return_logits, on_step)
@@ -294,9 +300,10 @@ class Pipeline:
             for i, toks in enumerate(gen.tokens):
                 text = self.decode(toks)
                 logits = gen.logits[i].numpy() if return_logits else None
+                v = visions[i]
                 results.append(Result(text.strip(), toks, gen.exit_layers[i], logits, dict(gen.timings),
                                       gen.gate_probs[i], gen.finish[i], len(requests[i].input_ids), pol.name,
-                                      visions[i].tokens if visions[i] else 0, len(visions[i].tiles) if visions[i] else 0))
+                                      v.tokens if v else 0, v.num_tiles if v else 0, list(v.grids) if v else []))
         return results
 
     def close(self) -> None:

@@ -12,6 +12,10 @@ it with dyvte's default candidates, and times, interleaved in one process:
 ``--family llava`` (default): LLaVA-1.5, one 336-px image = 576 visual tokens.
 ``--family llava_next``: LLaVA-NeXT with LLaVA-1.6's grid pinpoints; a 672x672 image is a base tile
 plus 2x2 tiles = 2,928 visual tokens (``--image W H`` for other sizes).
+``--family qwen2_5_vl`` (or ``qwen2_vl``): a Qwen2.5-VL-shaped model -- GQA decoder (16 query / 2 KV
+heads at d=1024) with M-RoPE, a 4-block ViT (width 256, patch 14, 2x2 merge, 112-px windows, the last
+block full attention, as every 8th block of the real one) and Qwen's default pixel range (up to 1,280
+tokens per image); an 896x896 image = 1,024 visual tokens.
 
 and prints medians, exit/never next to the FLOPs ratio (dyvte/flops.py) and never/hf.
 ``--sweep`` also exports the model with candidates every 1, 2 (default), 4 and 16 layers and
@@ -32,15 +36,24 @@ PROMPT = ("look at the picture and tell me which shape is on the left of the red
 
 
 LLAVA_16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+DEFAULT_IMAGE = {"llava_next": (672, 672), "qwen2_vl": (896, 896), "qwen2_5_vl": (896, 896)}  # (W, H)
 
 
 def build(workdir: Path, args):
     from dyvte.tiny import TinyLlavaSpec, build_tiny_llava
 
-    extra = {"grid_pinpoints": LLAVA_16_PINPOINTS} if args.family == "llava_next" else {}
-    spec = TinyLlavaSpec(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
-                         num_kv_heads=args.hidden // 64, intermediate_size=int(args.hidden * 2.75),
-                         vision_hidden_size=256, vision_layers=3, vision_heads=4, vision_intermediate_size=1024,
+    extra = {"vision_layers": 3}
+    heads = args.hidden // 64
+    kv_heads = heads
+    if args.family == "llava_next":
+        extra["grid_pinpoints"] = LLAVA_16_PINPOINTS
+    if args.family in ("qwen2_vl", "qwen2_5_vl"):
+        kv_heads = max(1, heads // 8)  # Qwen2.5-VL-3B/7B: 16/2 and 28/4 heads
+        extra = {"vision_layers": 4, "window_size": 112, "full_blocks": (3,), "min_pixels": 56 * 56,
+                 "max_pixels": 28 * 28 * 1280}
+    spec = TinyLlavaSpec(hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
+                         num_kv_heads=kv_heads, intermediate_size=int(args.hidden * 2.75),
+                         vision_hidden_size=256, vision_heads=4, vision_intermediate_size=1024,
                          image_size=336, patch_size=14, words=tuple(sorted(set(PROMPT.split()))),
                          max_position_embeddings=4096, family=args.family, **extra)
     model_dir = workdir / f"{args.family}-d{args.hidden}-L{args.layers}"
@@ -69,9 +82,9 @@ def timed(fn, sink: list):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    ap.add_argument("--family", choices=["llava", "llava_next"], default="llava")
+    ap.add_argument("--family", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"], default="llava")
     ap.add_argument("--image", type=int, nargs=2, default=None, metavar=("W", "H"),
-                    help="image size (default 336x336, 672x672 for llava_next)")
+                    help="image size (default 336x336, 672x672 for llava_next, 896x896 for qwen)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--exit", type=int, default=8, help="K of policy layer:K")
@@ -95,14 +108,14 @@ def main(argv=None):
     hf = load_model(model_dir)
     from PIL import Image
 
-    w, h = args.image or ((672, 672) if args.family == "llava_next" else (336, 336))
+    w, h = args.image or DEFAULT_IMAGE.get(args.family, (336, 336))
     image = Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype("uint8"))
     ids, vision = encode(pipe.processor, image, PROMPT)
     T = len(ids)
     ids_np, vision_np = ids[None].numpy(), {k: v.numpy() for k, v in vision.items()}
     hf_ids, mask = ids[None], torch.ones(1, T, dtype=torch.long)
     probe = pipe.generate_ids(ids_np, **vision_np, max_new_tokens=1, policy="never")
-    n_vis, tiles = probe.visual_tokens, probe.image_tiles
+    n_vis, tiles, grids = probe.visual_tokens, probe.image_tiles, probe.image_grids
 
     variants = {
         "never": lambda: pipe.generate_ids(ids_np, **vision_np, max_new_tokens=1, policy="never"),
@@ -131,7 +144,7 @@ def main(argv=None):
                 decode[name].append(r.timings["decode_tokens_per_s"])
 
     t = pipe.manifest.text
-    vis = flops.manifest_vision_flops(pipe.manifest, tiles)
+    vis = flops.manifest_vision_flops(pipe.manifest, tiles, grids)
     f_never = flops.prefill_flops(t, T, n_vis, t["num_layers"], vis)
     f_exit = flops.prefill_flops(t, T, n_vis, args.exit, vis)
     med = {k: statistics.median(v) for k, v in times.items() if v}
@@ -145,9 +158,10 @@ def main(argv=None):
         print(f"{k:<24}{med[k]:>10.3f}{min(times[k]):>10.3f}{g / 1e9:>10.1f}")
     r_exit = med[f"layer:{args.exit}"] / med["never"]
     r_flops = f_exit / f_never
-    print(f"\nexit/never time ratio   {r_exit:.3f}")
+    low = {k: min(v) for k, v in times.items() if v}  # minima: least disturbed by other jobs on the machine
+    print(f"\nexit/never time ratio   {r_exit:.3f}   (minima {low[f'layer:{args.exit}'] / low['never']:.3f})")
     print(f"exit/never FLOPs ratio  {r_flops:.3f}   (time ratio / FLOPs ratio = {r_exit / r_flops:.3f})")
-    print(f"never/hf time ratio     {med['never'] / med['hf']:.3f}")
+    print(f"never/hf time ratio     {med['never'] / med['hf']:.3f}   (minima {low['never'] / low['hf']:.3f})")
     if sweep:
         print("\ncost of segment boundaries (policy never, 16 new tokens):")
         print(f"  {'segments':<26}{'prefill s':>10}{'decode tok/s':>14}")
@@ -156,7 +170,8 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({"times": times, "median": med, "flops": {"never": f_never, "exit": f_exit},
                                          "decode_tokens_per_s": decode, "prompt_tokens": T, "visual_tokens": n_vis,
-                                         "tiles": tiles, "family": args.family, "threads": threads}, indent=2))
+                                         "tiles": tiles, "grids": grids, "vision_flops": vis, "family": args.family,
+                                         "threads": threads}, indent=2))
 
 
 if __name__ == "__main__":

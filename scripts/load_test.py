@@ -96,17 +96,28 @@ def references(engine_dir: str, backend: str, policy: str, items: list[dict]) ->
                 for it in items]
 
 
-def ask(client, url: str, body: dict) -> tuple[str, float]:
-    """Send one request; (answer text, latency s). Raises on HTTP or stream errors."""
-    t0 = time.perf_counter()
-    if not body.get("stream"):
-        r = client.post(url + "/v1/chat/completions", json=body)
-        r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"], time.perf_counter() - t0
-    text = []
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
+class Client:
+    """One keep-alive HTTP/1.1 connection (the standard library's: a light load generator, so
+    that the clients' own CPU use, on the same machine, disturbs the server little)."""
+
+    def __init__(self, url: str, timeout: float = 120.0):
+        import http.client
+
+        u = urlparse(url)
+        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+
+    def ask(self, body: dict) -> tuple[str, float]:
+        """Send one request; (answer text, latency s). Raises on HTTP or stream errors."""
+        t0 = time.perf_counter()
+        payload = json.dumps(body).encode()
+        self.conn.request("POST", "/v1/chat/completions", payload, {"Content-Type": "application/json"})
+        r = self.conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+        if not body.get("stream"):
+            return json.loads(r.read())["choices"][0]["message"]["content"], time.perf_counter() - t0
+        text = []
+        for line in r.read().decode().splitlines():  # the whole event stream, then its events
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
@@ -114,31 +125,37 @@ def ask(client, url: str, body: dict) -> tuple[str, float]:
                 raise RuntimeError(event["error"]["message"])
             for choice in event.get("choices", []):
                 text.append(choice["delta"].get("content") or "")
-    return "".join(text), time.perf_counter() - t0
+        return "".join(text), time.perf_counter() - t0
+
+    def close(self):
+        self.conn.close()
 
 
 def run_phase(url: str, items: list[dict], refs: list[str], clients: int, per_client: int, deadline: float) -> dict:
     """``clients`` threads each sending ``per_client`` requests back to back."""
-    import httpx
-
     lat, wrong, errors, lock = [], [], [], threading.Lock()
 
     def client_loop(c: int):
-        with httpx.Client(timeout=120.0) as client:
+        client = Client(url)
+        try:
             for j in range(per_client):
                 if time.monotonic() > deadline:
                     return
                 k = (c * per_client + j) % len(items)
                 try:
-                    text, dt = ask(client, url, items[k])
-                except Exception as exc:  # counted, reported
+                    text, dt = client.ask(items[k])
+                except Exception as exc:  # counted, reported; a new connection for the next one
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
+                    client.close()
+                    client = Client(url)
                     continue
                 with lock:
                     lat.append(dt)
                     if text != refs[k]:
                         wrong.append((k, text, refs[k]))
+        finally:
+            client.close()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
@@ -160,25 +177,35 @@ def percentile(sorted_values: list, p: float) -> float:
 
 def batch_stats(url: str) -> tuple[float, float]:
     """(batches run, requests in them) from the server's /metrics."""
-    import httpx
-
     vals = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    for line in get(url + "/metrics")[1].splitlines():
         if line.startswith(("dyvte_batch_size_count", "dyvte_batch_size_sum")):
             name, v = line.split()
             vals[name] = float(v)
     return vals.get("dyvte_batch_size_count", 0.0), vals.get("dyvte_batch_size_sum", 0.0)
 
 
-def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
-    import httpx
+def get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET; connection errors raise OSError."""
+    import urllib.error
+    import urllib.request
 
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "dyvte.cli", "serve", "--engine-dir", args.engine_dir, "--port", str(port),
            "--host", "127.0.0.1", "--backend", args.backend, "--policy", args.policy, "--max-wait-ms",
            str(max_wait_ms), "--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.max_batch:
+        cmd += ["--max-batch", str(args.max_batch)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     t_end = time.monotonic() + 180
@@ -186,9 +213,9 @@ def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None:
             sys.exit(f"error: the server exited: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if get(url + "/health")[0] == 200:
                 return proc, url
-        except httpx.HTTPError:
+        except OSError:
             pass
         time.sleep(0.3)
     proc.kill()
@@ -207,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--distinct", type=int, default=32, help="distinct requests in the workload")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batching window of the concurrent phase")
     ap.add_argument("--threads", type=int, default=None, help="the started servers' ONNX Runtime threads")
+    ap.add_argument("--max-batch", type=int, default=None, help="the started servers' --max-batch")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every mode, alternated")
     ap.add_argument("--time-limit", type=float, default=600.0, help="no new request after this many seconds")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -220,7 +248,7 @@ def main(argv=None) -> int:
     from dyvte.engines.manifest import Manifest
 
     manifest = Manifest.load(args.engine_dir, verify=False)
-    t_start = time.monotonic()
+    t_start, load0 = time.monotonic(), os.getloadavg()[0]
     items = workload(args.distinct, int(manifest.data["limits"]["max_new_tokens"]))
     refs = references(args.engine_dir, args.backend, args.policy, items)
     deadline = t_start + args.time_limit
@@ -271,9 +299,10 @@ def main(argv=None) -> int:
     best_serial = max((r["req_per_s"] for r in rows if r["name"] == "serial"), default=0.0)
     conc = rows[-1]
     ratio = conc["req_per_s"] / best_serial if best_serial else float("nan")
-    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}, policy {args.policy}, "
+    threads = f", {args.threads} ONNX Runtime threads" if args.threads else ""
+    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}{threads}, policy {args.policy}, "
           f"{args.distinct} distinct requests, {args.rounds} alternated rounds, {os.cpu_count()} CPUs, "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"{time.strftime('%Y-%m-%d')}, 1-min load average before/after {load0:.2f}/{os.getloadavg()[0]:.2f}")
     print(f"{'mode':<11}{'wait ms':>8}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'batch':>7}{'wrong':>6}{'errors':>7}")
     for r in rows:

@@ -63,6 +63,12 @@ MODELS = {
     # InternVL: Qwen2 decoder (QKV bias), 32 px tiles, patch 4, pixel shuffle -> 16 tokens, up to 6 tiles + thumbnail
     "internvl": (dict(family="internvl", text_model="qwen2", image_size=32, patch_size=4, vision_feature_layer=-1,
                       max_patches=4, initializer_range=0.1), [1, 2, 3], True),
+    # Qwen2-VL: M-RoPE (section [2,3,3]), patch 4 + 2x2 merge: an image of any size up to 6,400 px becomes
+    # 4-100 visual tokens (one per 8x8 px)
+    "qwen2_vl": (dict(family="qwen2_vl", patch_size=4, initializer_range=0.05), [1, 2, 3], True),
+    # Qwen2.5-VL: the same, with 3 vision blocks of which block 1 attends fully, the others in windows of
+    # 3x3 tokens (24 px), so the test images' windows are cut at their edges
+    "qwen2_5_vl": (dict(family="qwen2_5_vl", patch_size=4, vision_layers=3, initializer_range=0.05), [1, 2, 3], True),
 }
 
 #: Image sizes (W, H) that give each family several tile layouts and token counts.

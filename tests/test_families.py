@@ -1,5 +1,5 @@
-"""Model families beyond LLaVA-1.5 (LLaVA-NeXT, InternVL3): images of different sizes, several
-images per prompt, the run-time packing against Hugging Face, bad inputs, and every command
+"""Model families beyond LLaVA-1.5 (LLaVA-NeXT, InternVL3, Qwen2-VL, Qwen2.5-VL): images of different
+sizes, several images per prompt, the run-time packing against Hugging Face, bad inputs, and every command
 (train-gates, calibrate-vtw, eval, profile, lint) end to end. The generic equivalence tests
 (never vs HF generate, layer:K vs the reference, gate vs Eq. 1, torch vs ONNX Runtime) run on these
 families too through the ``tiny`` fixture."""
@@ -13,7 +13,8 @@ import torch
 from conftest import IMAGE_SIZES, MODELS, make_image
 from reference import generate_with_exit
 
-FAMILIES = ["llava_next", "internvl"]
+FAMILIES = ["llava_next", "internvl", "qwen2_vl", "qwen2_5_vl"]
+QWEN = ("qwen2_vl", "qwen2_5_vl")
 QUESTIONS = ["what color is the circle ?", "how many red squares are there in the picture ?", "is there a blue triangle ?",
              "which shape is on the left ?"]
 
@@ -36,6 +37,9 @@ def test_presets_resolve():
     assert resolve_preset("llava-next-13b") == "llava-hf/llava-v1.6-vicuna-13b-hf"
     for size in ("1b", "2b", "8b"):
         assert resolve_preset(f"internvl3-{size}") == f"OpenGVLab/InternVL3-{size.upper()}-hf"
+    assert resolve_preset("qwen2-vl-2b") == "Qwen/Qwen2-VL-2B-Instruct"
+    for size in ("3b", "7b"):
+        assert resolve_preset(f"qwen2.5-vl-{size}") == f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"
 
 
 def test_visual_tokens_vary_with_image_size(fam, pipelines):
@@ -114,11 +118,18 @@ def test_bad_inputs(fam, pipelines):
             pipe.generate_ids(ids, px[:, :2], image_sizes=np.array([[40, 90]]))
         with pytest.raises(InputError, match="non-positive"):
             pipe.generate_ids(ids, px, image_sizes=np.array([[0, 90]]))
+    elif fam.spec.family in QWEN:
+        grid = req.extra["image_grid_thw"].numpy()
+        with pytest.raises(InputError, match="needs image_grid_thw"):
+            pipe.generate_ids(ids, px)
+        with pytest.raises(InputError, match="describes .* patches but pixel_values has"):
+            pipe.generate_ids(ids, px[:-4], image_grid_thw=grid)
     else:
         with pytest.raises(InputError, match="image tiles but the prompts' image tokens make"):
             pipe.generate_ids(ids, px[:-1])
+    other = "image_sizes" if fam.spec.family in QWEN else "image_grid_thw"
     with pytest.raises(InputError, match="not an input of"):
-        pipe.generate_ids(ids, px, image_grid_thw=np.ones((1, 3)), **{k: v.numpy() for k, v in req.extra.items()})
+        pipe.generate_ids(ids, px, **{other: np.ones((1, 3))}, **{k: v.numpy() for k, v in req.extra.items()})
 
 
 def test_more_tiles_than_the_exported_limit(fam, tmp_path, pipelines):
@@ -126,6 +137,8 @@ def test_more_tiles_than_the_exported_limit(fam, tmp_path, pipelines):
     from dyvte.exporter import ExportSettings, export
     from dyvte.runtime import Pipeline
 
+    if fam.spec.family in QWEN:
+        pytest.skip("Qwen-VL: a tile is a whole image; its limit is --max-pixels (tests/test_qwen_vl.py)")
     out = export(ExportSettings(out=tmp_path / "e", model=str(fam.model_dir), candidates=fam.candidates, max_tiles=3,
                                 max_input_len=256, max_new_tokens=8, progress=False, validate=False))
     pipe = Pipeline.load(out, backend="onnxruntime")
@@ -140,7 +153,8 @@ def test_more_tiles_than_the_exported_limit(fam, tmp_path, pipelines):
 
 def test_processor_folder_is_standard(fam):
     data = json.loads((fam.engine_dir / "processor" / "processor_config.json").read_text())
-    assert data["processor_class"] == {"llava_next": "LlavaNextProcessor", "internvl": "InternVLProcessor"}[fam.spec.family]
+    assert data["processor_class"] == {"llava_next": "LlavaNextProcessor", "internvl": "InternVLProcessor",
+                                       "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[fam.spec.family]
 
 
 def test_commands_end_to_end(fam, synth_data, tmp_path):

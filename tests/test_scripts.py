@@ -65,3 +65,12 @@ def test_precision_report_small(tmp_path, capsys):
     rows = _load("precision_report").main(["--before", "60", "--after", "8", "--workdir", str(tmp_path)])
     assert "HF error" in capsys.readouterr().out
     assert {r["dtype"] for r in rows} == {"float16", "bfloat16", "float32"} and all(np.isfinite(r["error"]) for r in rows)
+
+
+def test_bench_prefill_qwen_small(tmp_path, capsys):
+    out = tmp_path / "prefill.json"
+    _load("bench_prefill").main(["--workdir", str(tmp_path), "--family", "qwen2_5_vl", "--image", "200", "120",
+                                 "--hidden", "64", "--layers", "4", "--exit", "2", "--reps", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["family"] == "qwen2_5_vl" and res["grids"] == [[1, 8, 14]] and res["visual_tokens"] == 28
+    assert res["flops"]["exit"] < res["flops"]["never"] and res["vision_flops"] > 0

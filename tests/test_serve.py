@@ -102,6 +102,9 @@ def alone(pipe, question, img, max_tokens, policy="gate", **sampling):
 def server(llama, pipelines, tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     make_image(5).save(root / "inside.png")
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.png"
+    make_image(6).save(outside)
+    (root / "link.png").symlink_to(outside)  # a link inside the root to a file outside it
     srv = ServerThread(pipelines(llama.engine_dir), max_wait_ms=100, image_root=root, max_image_bytes=200_000,
                        max_image_pixels=1_000_000, max_body_bytes=2_000_000)
     srv.image_root = root
@@ -189,6 +192,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, llama, pipe
     jobs[2].update(temperature=0.8, seed=5)
     jobs[3]["messages"] = [{"role": "system", "content": "answer briefly ."}, *jobs[3]["messages"]]
     jobs[4]["messages"] = user("no image here ?")  # text only: never exits
+    jobs[5]["stop"] = ["red", "blue"]
     jobs.append(dict(messages=user(QUESTIONS[0], make_image(20)), max_tokens=8, stream=True))
 
     def send(kw):
@@ -222,7 +226,7 @@ def test_local_paths_only_under_the_image_root(server, llama, pipelines):
         assert res.choices[0].message.content == want
     import openai
 
-    for url in ("../outside.png", "/etc/hostname", "file:///etc/hostname", "missing.png"):
+    for url in ("../outside.png", "/etc/hostname", "file:///etc/hostname", "missing.png", "link.png"):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=name, messages=user(QUESTIONS[0], url=url))
         assert e.value.body["code"] in ("image_url_not_allowed", "invalid_image_url"), url

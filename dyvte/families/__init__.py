@@ -17,8 +17,9 @@ def families() -> dict[str, Family]:
     from .internvl import InternVL
     from .llava import Llava
     from .llava_next import LlavaNext
+    from .qwen_vl import Qwen2VL, Qwen25VL
 
-    return {f.name: f for f in (Llava(), LlavaNext(), InternVL())}
+    return {f.name: f for f in (Llava(), LlavaNext(), InternVL(), Qwen2VL(), Qwen25VL())}
 
 
 def family_named(name: str) -> Family:

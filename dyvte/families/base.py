@@ -4,7 +4,8 @@ A family says how to read its Hugging Face checkpoint (class, config keys, where
 and lm_head live), how to build and check its vision part (pixel tiles -> projected features per
 tile: the ``vision`` ONNX graph), how a request's processor outputs become tiles and how the
 features of those tiles pack into the prompt's visual tokens (at run time, from the manifest
-alone), and what the vision side costs in FLOPs. The exporter, runtime, gate training, VTW, eval,
+alone), the prompt's position ids (1-D RoPE, or M-RoPE rows and where decoding continues), and
+what the vision side costs in FLOPs. The exporter, runtime, gate training, VTW, eval,
 FLOPs, profile, lint and TensorRT profiles ask the family and never test a model type themselves.
 
 Adding a family = one module with a :class:`Family` subclass registered in ``families/__init__``,
@@ -23,10 +24,17 @@ class Vision:
     """One request's images, checked against the folder: the tiles its vision part runs on and
     how their features pack into the prompt's visual tokens."""
 
-    tiles: object  # [t, C, H, W] float32, the vision part's input
+    tiles: object  # the vision input: [t, C, H, W] float32 tiles (Qwen-VL: [patches, C*T*p*p] rows)
     tokens: int  # visual tokens these images become in the prompt
     images: int  # images
     info: dict = field(default_factory=dict)  # family-specific packing facts (e.g. per-image sizes)
+    count: int | None = None  # units the folder's per-prompt limit counts (max_tiles); None: len(tiles)
+    grids: list = field(default_factory=list)  # per image, the size facts its vision FLOPs need (Qwen-VL: t, h, w)
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles (Qwen-VL: images) the vision part encodes for this prompt."""
+        return int(self.count) if self.count is not None else len(self.tiles)
 
 
 class Family:
@@ -39,6 +47,7 @@ class Family:
     text_models = ("llama", "mistral", "qwen2")  # decoder backbones dyvte re-implements
     rope_rows = 1  # position-id rows per token (3 for M-RoPE)
     processor_inputs: tuple[str, ...] = ("pixel_values",)  # HF processor tensors the vision side takes
+    unsupported_inputs: dict[str, str] = {}  # HF input name -> why dyvte refuses it (e.g. video)
     vision_paths: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")  # HF vision modules
 
     # -- checkpoint side ---------------------------------------------------------------------------
@@ -91,6 +100,18 @@ class Family:
     def lm_head(self, model):
         return model.lm_head
 
+    def mrope_section(self, model) -> tuple[int, ...] | None:
+        """M-RoPE frequency sections (t, h, w chunks) of the text decoder; None for 1-D RoPE."""
+        return None
+
+    def limit_processor(self, processor, max_pixels: int | None, max_input_len: int):
+        """Apply the export's image-size limit to the processor that is saved with the folder
+        (dynamic-resolution families); fixed-size tile families refuse ``--max-pixels``."""
+        if max_pixels is not None:
+            raise InputError(f"--max-pixels applies to dynamic-resolution families (Qwen-VL); a {self.hf_class} "
+                             "takes fixed-size tiles: bound them with --max-tiles")
+        return processor
+
     def vision_encoder(self, config, dtype, device="cpu"):
         """An (untrained) vision part: tiles [t,C,H,W] -> projected features [t,V,D]."""
         raise NotImplementedError
@@ -112,6 +133,24 @@ class Family:
     def hf_tile_features(self, model, tiles):
         """Reference features [t,V,D] of tiles by the HF model itself (export validation)."""
         raise NotImplementedError
+
+    def vision_part(self, module, meta: dict, dim: int, dtype: str):
+        """The exported vision part (:class:`dyvte.exporter.parts.Part`): tiles -> features."""
+        from dyvte.exporter.parts import vision_part
+
+        return vision_part(module, meta["tile_shape"], meta["tokens_per_tile"], dim, dtype)
+
+    def vision_cases(self, model, part, meta: dict, generator):
+        """Export validation of the vision part: (case name, graph feeds, HF reference output)."""
+        import torch
+
+        pixels = torch.randn(2, *part.inputs[0].shape[1:], generator=generator)
+        yield "", {"pixel_values": pixels}, self.hf_tile_features(model, pixels)
+
+    def hf_positions(self, model, input_ids, attention_mask, vision: dict | None):
+        """Position ids [B,S,rope_rows] of a right-padded batch as the HF model computes them
+        (training side; 0 at padding)."""
+        return (attention_mask.cumsum(1) - 1).clamp(min=0)[..., None]
 
     def hf_visual_features(self, model, inputs: dict):
         """Visual-token features [n,D] of a batch's processor outputs by the HF model, in prompt
@@ -137,6 +176,32 @@ class Family:
         """Features [t,V,D] of ``vision.tiles`` -> the prompt's visual tokens [vision.tokens, D]."""
         return features.reshape(-1, features.shape[-1])
 
+    def vision_calls(self, meta: dict, visions: list) -> list[dict]:
+        """The vision graph's feeds {input name: tensor} for a batch's images: here one call with
+        every tile of the batch."""
+        import torch
+
+        return [{"pixel_values": torch.cat([v.tiles for v in visions])}]
+
+    def unpack(self, meta: dict, outputs: list, visions: list, extras: dict) -> list:
+        """Outputs of :meth:`vision_calls` -> each vision's visual-token features [tokens, D]."""
+        feats, out, at = outputs[0], [], 0  # [t,V,D]
+        for v in visions:
+            out.append(self.pack(meta, feats[at: at + len(v.tiles)], v, extras))
+            at += len(v.tiles)
+        return out
+
+    def check_ids(self, meta: dict, ids, index: int) -> None:
+        """Refuse prompts holding tokens this family's export cannot run (e.g. video placeholders)."""
+
+    def positions(self, meta: dict, visual, vision: Vision | None):
+        """Position ids [T, rope_rows] int64 of one prompt (``visual`` [T] bool: its visual
+        positions) and the position of the first generated token. 1-D RoPE: 0..T-1, then T."""
+        import torch
+
+        T = len(visual)
+        return torch.arange(T, dtype=torch.int64)[:, None], T
+
     def default_max_tiles(self, meta: dict, max_input_len: int) -> int:
         """Most tiles per prompt when the export does not say (--max-tiles): one image's maximum."""
         return int(meta.get("tiles_per_image", 1))
@@ -151,9 +216,21 @@ class Family:
 
         return {"pixel_values": torch.zeros(1, *meta["tile_shape"])}, int(meta["tokens_per_tile"])
 
-    def vision_flops(self, meta: dict, vision_config: dict, text_dim: int, tiles: int) -> float:
-        """FLOPs of encoding ``tiles`` tiles (tower, projector)."""
+    def vision_flops(self, meta: dict, vision_config: dict, text_dim: int, tiles: int, grids=None) -> float:
+        """FLOPs of encoding ``tiles`` tiles (tower, projector); ``grids``: :attr:`Vision.grids`
+        of families whose cost depends on each image's size."""
         raise NotImplementedError
+
+    def vision_profiles(self, meta: dict, max_batch: int) -> dict:
+        """TensorRT optimization profiles of the vision part: {name: {axis: (min, opt, max)}}.
+        The ``images`` axis counts tiles: up to max_batch x max_tiles."""
+        tiles = max_batch * int(meta["max_tiles"])
+        return {"default": {"images": (1, min(tiles, int(meta["max_tiles"])), tiles)}}
+
+    def describe(self, meta: dict) -> str:
+        """One line on the vision side (``dyvte inspect``)."""
+        return (f"tiles {meta['tile_shape']} of {meta['tokens_per_tile']} visual tokens, up to {meta['max_tiles']} "
+                "per prompt")
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -197,7 +197,7 @@ class InternVL(Family):
                              f"got {tuple(px.shape)}; preprocess images with the folder's processor")
         return Vision(px, len(px) * int(meta["tokens_per_tile"]), 0, {})
 
-    def vision_flops(self, meta, vision_config, text_dim, tiles):
+    def vision_flops(self, meta, vision_config, text_dim, tiles, grids=None):
         hw = tuple(meta["tile_shape"][1:])
         p = vision_config["patch_size"]
         p = p if isinstance(p, int) else p[0]

@@ -165,7 +165,7 @@ class Llava(Family):
                              f"got {tuple(px.shape)}; preprocess images with the folder's processor")
         return Vision(px, len(px) * int(meta["tokens_per_tile"]), len(px))
 
-    def vision_flops(self, meta, vision_config, text_dim, tiles):
+    def vision_flops(self, meta, vision_config, text_dim, tiles, grids=None):
         feats = len(meta.get("feature_layers", [0]))
         hw = tuple(meta["tile_shape"][1:])
         p = vision_config["patch_size"]

@@ -33,8 +33,15 @@ class Runner(ABC):
 
     # -- parts -----------------------------------------------------------------------------
     @abstractmethod
-    def vision(self, pixel_values):
-        """pixel_values [N,3,H,W] float32 -> image features [N,V,D]."""
+    def vision(self, inputs):
+        """The vision part on its named inputs {name: tensor} (LLaVA-style: ``pixel_values``
+        [N,3,H,W] float32 -> [N,V,D]; Qwen-VL: one image's patch rows and host-computed integer
+        inputs -> [tokens,D]). A bare tensor means ``{"pixel_values": tensor}``."""
+
+    @staticmethod
+    def vision_feeds(inputs) -> dict:
+        """:meth:`vision`'s argument as a dict of named inputs."""
+        return dict(inputs) if isinstance(inputs, dict) else {"pixel_values": inputs}
 
     @abstractmethod
     def embed(self, input_ids):
@@ -49,7 +56,8 @@ class Runner(ABC):
     def segment(self, index: int, hidden, position_ids, attention_mask, cache: KVCache, mode: str):
         """Run decoder segment ``index`` on hidden [B,S,D]; appends S tokens to ``cache``.
 
-        position_ids [B,S] int64, attention_mask [B, cache.length + S] int64 (key padding).
+        position_ids [B,S] int64 ([3,B,S] with M-RoPE, the graph's layout), attention_mask
+        [B, cache.length + S] int64 (key padding).
         """
 
     @abstractmethod

@@ -94,8 +94,9 @@ class OnnxRuntimeRunner(Runner):
         arrays = {k: v.detach().contiguous().numpy() for k, v in feeds.items()}
         return [torch.from_numpy(o) for o in self.sessions[part].run(None, arrays)]
 
-    def vision(self, pixel_values):
-        return self._run("vision", {"pixel_values": pixel_values.float()})[0]
+    def vision(self, inputs):
+        feeds = {k: v.float() if v.is_floating_point() else v for k, v in self.vision_feeds(inputs).items()}
+        return self._run("vision", feeds)[0]
 
     def embed(self, input_ids):
         return self._run("embed", {"input_ids": input_ids})[0]

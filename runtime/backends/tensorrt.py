@@ -136,12 +136,13 @@ class TensorRTRunner(Runner):
             raise EngineFolderError(f"{part}'s TensorRT plan has no '{mode}' profile (it has {self.profiles[part]}); "
                                     f"rebuild with `dyvte build {self.manifest.root}`") from None
 
-    def vision(self, pixel_values):
+    def vision(self, inputs):
         import torch
 
-        pv = pixel_values.to(self.device, torch.float32).contiguous()
-        return self._on_stream(lambda: self._execute("vision", self._profile("vision", "default"),
-                                                     {"pixel_values": pv})["image_features"])
+        feeds = {k: (v.to(self.device, torch.float32) if v.is_floating_point() else v.to(self.device)).contiguous()
+                 for k, v in self.vision_feeds(inputs).items()}
+        output = self.manifest.parts["vision"].outputs[0]["name"]
+        return self._on_stream(lambda: self._execute("vision", self._profile("vision", "default"), feeds)[output])
 
     def embed(self, input_ids):
         ids = input_ids.to(self.device).contiguous()

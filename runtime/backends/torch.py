@@ -150,8 +150,9 @@ class _DecodeGraph:
         import torch
 
         B = cache.batch
+        rows = segment.spec.rope_rows
         self.x = torch.zeros(B, 1, dim, dtype=dtype, device=dev)
-        self.pos = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(*((rows,) if rows > 1 else ()), B, 1, dtype=torch.int64, device=dev)  # graph layout
         self.start = torch.zeros((), dtype=torch.int64, device=dev)
         # warm-up writes into slot `start` = 0 of a scratch layer, never into the live cache
         live = cache.kv
@@ -258,8 +259,12 @@ class TorchRunner(Runner):
         return wrapper
 
     @_no_grad
-    def vision(self, pixel_values):
-        return self.vision_mod(pixel_values.to(self.device, self.dtype))
+    def vision(self, inputs):
+        feeds = self.vision_feeds(inputs)
+        names = [t["name"] for t in self.manifest.parts["vision"].inputs] or list(feeds)  # the graph's input order
+        args = [feeds[n] for n in names]
+        return self.vision_mod(*[a.to(self.device, self.dtype) if a.is_floating_point() else a.to(self.device)
+                                 for a in args])
 
     @_no_grad
     def embed(self, input_ids):
