@@ -13,7 +13,28 @@ from .base import KVCache, Runner
 
 
 _GLOBAL_POOL = None  # intra-op threads of the process-wide pool, once created
+_SHARED_ARENA = None  # whether the process-wide CPU memory arena is registered
 _POOL_LOCK = threading.Lock()
+
+
+def _use_shared_arena() -> bool:
+    """Give every session of the process one CPU memory arena.
+
+    Each session's own arena keeps the largest buffers it ever needed, so an engine folder's dozen
+    sessions hold the sum of their peaks (a LLaVA-NeXT-shaped 16-layer model with 2,928 visual
+    tokens reached 21.8 GB, 5.1 GB with one shared arena; README "Memory")."""
+    global _SHARED_ARENA
+    import onnxruntime as ort
+
+    with _POOL_LOCK:
+        if _SHARED_ARENA is None:
+            try:
+                mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(mem, ort.OrtArenaCfg(0, -1, -1, -1))
+                _SHARED_ARENA = True
+            except Exception:  # an allocator registered by someone else, or an older ONNX Runtime
+                _SHARED_ARENA = False
+        return _SHARED_ARENA
 
 
 def _use_global_thread_pool(threads: int | None) -> bool:
@@ -47,6 +68,9 @@ def create_session(path, providers=None, threads: int | None = None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    cpu_only = not providers or all(p == "CPUExecutionProvider" for p in providers)
+    if cpu_only and _use_shared_arena():
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     if _use_global_thread_pool(threads):
         opts.use_per_session_threads = False
     else:
