@@ -12,7 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .errors import ModelNotFoundError, UnsupportedModelError
+from .errors import ModelNotFoundError
 from .presets import resolve_preset
 
 def _hf_cache_dir() -> str:

@@ -164,13 +164,46 @@ class Family:
         return {k: torch.cat([torch.as_tensor(x[k]) for x in inputs]) for k in inputs[0]}
 
     # -- run time (from the manifest alone) --------------------------------------------------------
+    tile_unit = "image"  # what one row of pixel_values is to the user (LLaVA-1.5: an image; InternVL: a tile)
+
     def split(self, meta: dict, inputs: dict, tokens: list[int]) -> list[dict | None]:
-        """Batch-level processor tensors -> per prompt, given each prompt's visual-token count."""
-        raise NotImplementedError
+        """Batch-level processor tensors -> per prompt, given each prompt's visual-token count.
+
+        Default: ``pixel_values [tiles,C,H,W]`` where every tile makes ``tokens_per_tile`` tokens."""
+        V, unit = int(meta["tokens_per_tile"]), self.tile_unit
+        counts = []
+        for i, n in enumerate(tokens):
+            if n % V:
+                raise InputError(f"prompt {i} has {n} image tokens, not a multiple of the model's {V} visual tokens "
+                                 f"per {unit}; build prompts with the folder's processor")
+            counts.append(n // V)
+        px = self._pixels(inputs, 0, 4)
+        if px is None or len(px) == 0:
+            if sum(counts):
+                raise InputError(f"the prompts hold {sum(counts)} {unit}(s) but no pixel_values were given; "
+                                 "preprocess images with the folder's processor")
+            return [None] * len(tokens)
+        if len(px) != sum(counts):
+            raise InputError(f"got {len(px)} {unit}s but the prompts hold {sum(counts)} {unit}(s) of {V} visual "
+                             "tokens each")
+        out, at = [], 0
+        for c in counts:
+            out.append({"pixel_values": px[at: at + c]} if c else None)
+            at += c
+        return out
 
     def prepare(self, meta: dict, inputs: dict | None, index: int = 0) -> Vision | None:
-        """Check one prompt's processor tensors; the tiles to encode and the tokens they give."""
-        raise NotImplementedError
+        """Check one prompt's processor tensors; the tiles to encode and the tokens they give.
+
+        Default: ``pixel_values [tiles,C,H,W]``, ``tokens_per_tile`` tokens each."""
+        px = self._pixels(inputs, index, 4)
+        if px is None or len(px) == 0:
+            return None
+        shape, unit = tuple(meta["tile_shape"]), self.tile_unit
+        if tuple(px.shape[1:]) != shape:
+            raise InputError(f"prompt {index}: pixel_values must have shape [{unit}s, {', '.join(map(str, shape))}], "
+                             f"got {tuple(px.shape)}; preprocess images with the folder's processor")
+        return Vision(px, len(px) * int(meta["tokens_per_tile"]), len(px) if unit == "image" else 0)
 
     def pack(self, meta: dict, features, vision: Vision, extras: dict):
         """Features [t,V,D] of ``vision.tiles`` -> the prompt's visual tokens [vision.tokens, D]."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from dyvte.errors import InputError, UnsupportedModelError
+from dyvte.errors import UnsupportedModelError
 
-from .base import Family, Vision
+from .base import Family
 from .llava import VISION_ATTENTION, _eager_fp32_softmax, tower_flops
 
 
@@ -82,6 +82,7 @@ class InternVL(Family):
     presets = {"internvl3-1b": "OpenGVLab/InternVL3-1B-hf", "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
                "internvl3-8b": "OpenGVLab/InternVL3-8B-hf"}
     stock_processor = "InternVLProcessor"
+    tile_unit = "tile"
 
     # -- checkpoint side ---------------------------------------------------------------------------
     def load_processor(self, path):
@@ -162,40 +163,6 @@ class InternVL(Family):
     def hf_visual_features(self, model, inputs: dict):
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
         return feats.reshape(-1, feats.shape[-1])
-
-    # -- run time ----------------------------------------------------------------------------------
-    def split(self, meta, inputs, tokens):
-        V = int(meta["tokens_per_tile"])
-        px = self._pixels(inputs, 0, 4)
-        counts = []
-        for i, n in enumerate(tokens):
-            if n % V:
-                raise InputError(f"prompt {i} has {n} image tokens, not a multiple of the model's {V} visual tokens "
-                                 "per tile; build prompts with the folder's processor")
-            counts.append(n // V)
-        if px is None or len(px) == 0:
-            if sum(counts):
-                raise InputError(f"the prompts hold {sum(counts)} image tile(s) but no pixel_values were given; "
-                                 "preprocess images with the folder's processor")
-            return [None] * len(tokens)
-        if len(px) != sum(counts):
-            raise InputError(f"got {len(px)} image tiles but the prompts' image tokens make {sum(counts)} "
-                             f"(each tile is {V} tokens)")
-        out, at = [], 0
-        for c in counts:
-            out.append({"pixel_values": px[at: at + c]} if c else None)
-            at += c
-        return out
-
-    def prepare(self, meta, inputs, index=0):
-        px = self._pixels(inputs, index, 4)
-        if px is None or len(px) == 0:
-            return None
-        shape = tuple(meta["tile_shape"])
-        if tuple(px.shape[1:]) != shape:
-            raise InputError(f"prompt {index}: pixel_values must have shape [tiles, {', '.join(map(str, shape))}], "
-                             f"got {tuple(px.shape)}; preprocess images with the folder's processor")
-        return Vision(px, len(px) * int(meta["tokens_per_tile"]), 0, {})
 
     def vision_flops(self, meta, vision_config, text_dim, tiles, grids=None):
         hw = tuple(meta["tile_shape"][1:])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 
-from dyvte.errors import InputError, UnsupportedModelError
+from dyvte.errors import UnsupportedModelError
 
-from .base import Family, Vision
+from .base import Family
 
 
 def vision_layout(config) -> tuple[list[int], int]:
@@ -130,40 +130,6 @@ class Llava(Family):
 
     def default_max_tiles(self, meta, max_input_len):
         return max(1, max_input_len // int(meta["tokens_per_tile"]))  # as many images as a prompt can hold
-
-    # -- run time ----------------------------------------------------------------------------------
-    def split(self, meta, inputs, tokens):
-        V = int(meta["tokens_per_tile"])
-        counts = []
-        for i, n in enumerate(tokens):
-            if n % V:
-                raise InputError(f"prompt {i} has {n} image tokens, not a multiple of the model's {V} visual tokens "
-                                 "per image; build prompts with the folder's processor")
-            counts.append(n // V)
-        px = self._pixels(inputs, 0, 4)
-        total = sum(counts)
-        if px is None or len(px) == 0:
-            if total:
-                raise InputError(f"the prompts hold {total} image(s) but no pixel_values were given; preprocess "
-                                 "images with the folder's processor")
-            return [None] * len(tokens)
-        if len(px) != total:
-            raise InputError(f"got {len(px)} images but the prompts hold {total} image(s) of {V} visual tokens each")
-        out, at = [], 0
-        for c in counts:
-            out.append({"pixel_values": px[at: at + c]} if c else None)
-            at += c
-        return out
-
-    def prepare(self, meta, inputs, index=0):
-        px = self._pixels(inputs, index, 4)
-        if px is None or len(px) == 0:
-            return None
-        shape = tuple(meta["tile_shape"])
-        if tuple(px.shape[1:]) != shape:
-            raise InputError(f"prompt {index}: pixel_values must have shape [images, {', '.join(map(str, shape))}], "
-                             f"got {tuple(px.shape)}; preprocess images with the folder's processor")
-        return Vision(px, len(px) * int(meta["tokens_per_tile"]), len(px))
 
     def vision_flops(self, meta, vision_config, text_dim, tiles, grids=None):
         feats = len(meta.get("feature_layers", [0]))
