@@ -62,16 +62,15 @@ def gate_features(hidden, prompt_lengths, visual):
     visual token; one text token -> both halves are that token. Returns [B,2D] float32."""
     import torch
 
+    from dyvte.exporter.modules import gate_features as eq1_features
+
     B, S, _ = hidden.shape
     cols = torch.arange(S, device=hidden.device)[None]
     last_visual = torch.where(visual, cols, -1).max(1).values  # [B]
     last = prompt_lengths - 1
-    text = ((cols > last_visual[:, None]) & (cols < last[:, None])).float()[..., None]  # [B,S,1]
+    text = (cols > last_visual[:, None]) & (cols < last[:, None])  # [B,S]
     h = hidden.float()
-    last_h = h[torch.arange(B, device=h.device), last]  # [B,D]
-    n = text.sum(1)
-    mean = torch.where(n > 0, (h * text).sum(1) / n.clamp(min=1), last_h)
-    return torch.cat([mean, last_h], dim=-1)
+    return eq1_features(h, text, h[torch.arange(B, device=h.device), last])  # right padding: gather the last
 
 
 def answer_stats(logits, index, mask, labels):

@@ -330,6 +330,19 @@ class Head(nn.Module):
         return self.lm_head(self.norm(hidden_states)).float()
 
 
+def gate_features(hidden: torch.Tensor, text_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 1's features [mean(text[:-1]), text[-1]] -> [B,2D] (float32 in, float32 out).
+
+    hidden [B,S,D]; text_mask [B,S] (1 on the text tokens before the last prompt token); last [B,D]
+    (the last prompt token's state). With one text token both halves are that token. Shared by
+    the gate graph (runtime, left padding) and gate training (right padding)."""
+    m = text_mask.to(hidden.dtype)[..., None]  # [B,S,1]
+    n = m.sum(1)  # [B,1]
+    mean = (hidden * m).sum(1) / torch.maximum(n, torch.ones_like(n))  # no fp64 clamp constant in the graph
+    mean = torch.where(n > 0, mean, last)
+    return torch.cat([mean, last], dim=-1)
+
+
 class GateBank(nn.Module):
     """The DyVTE gates of every candidate layer in one module (paper Eq. 1).
 
@@ -345,12 +358,7 @@ class GateBank(nn.Module):
 
     def forward(self, hidden_states, text_mask, gate_index):
         h = hidden_states.float()
-        last = h[:, -1]  # [B,D]
-        m = text_mask.float()[..., None]  # [B,S,1]
-        n = m.sum(1)  # [B,1]
-        mean = (h * m).sum(1) / torch.maximum(n, torch.ones_like(n))  # no fp64 clamp constant
-        mean = torch.where(n > 0, mean, last)  # one text token: both halves are that token
-        feats = torch.cat([mean, last], dim=-1)  # [B,2D]
+        feats = gate_features(h, text_mask, h[:, -1])  # [B,2D]; left padding: the last prompt token is at S-1
         w1 = self.fc1.float()[gate_index]  # [h,2D]
         w2 = self.fc2.float()[gate_index]  # [2,h]
         hidden = nn.functional.gelu(feats @ w1.t())  # exact (erf) GELU
