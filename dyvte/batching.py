@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dyvte.errors import DyvteError, InputError
-from dyvte.settings import DEFAULT_MAX_NEW_TOKENS_RUN
+from dyvte.errors import DyvteError, InputError, MaxTokensError, PromptTooLongError  # noqa: F401 (re-exported)
 
+_FINISH_LOCK = threading.Lock()  # Job.finish's check-and-set
 log = logging.getLogger("dyvte.serve")
 
 #: A batch of several requests is taken as a sign of load for this long after it ended.
@@ -54,27 +54,24 @@ class RequestCancelledError(DyvteError):
     """The client went away before its request finished."""
 
 
-class PromptTooLongError(InputError):
-    """The prompt does not fit the engine folder's limits."""
-
-
 def check_request(pipe, request) -> int:
-    """Check one :class:`~dyvte.runtime.pipeline.Request` against the folder's limits before it
-    is queued (so a bad request never fails a batch); returns its max_new_tokens."""
+    """Check one :class:`~dyvte.runtime.pipeline.Request` before it is queued (so a bad request
+    never fails a batch): the pipeline's own checks (limits, images, tiles), the two limits worded
+    for API clients; returns its max_new_tokens."""
     lim = pipe.limits
-    n_new = request.max_new_tokens
-    if n_new is None:
-        n_new = min(DEFAULT_MAX_NEW_TOKENS_RUN, lim["max_new_tokens"])
-    if isinstance(n_new, bool) or not isinstance(n_new, int) or not 1 <= n_new <= lim["max_new_tokens"]:
-        raise InputError(f"max_tokens must be in [1, {lim['max_new_tokens']}] (this engine folder's limit), got {n_new}")
-    n_prompt = len(request.input_ids)
-    if n_prompt > lim["max_input_len"]:
-        raise PromptTooLongError(f"the prompt has {n_prompt} tokens (images included); this engine folder takes at "
-                                 f"most {lim['max_input_len']}: shorten the messages or send fewer images")
-    positions = pipe.manifest.text["max_position_embeddings"]
-    if n_prompt + n_new > positions:
-        raise PromptTooLongError(f"the prompt ({n_prompt} tokens) + max_tokens ({n_new}) exceeds the model's "
-                                 f"{positions} positions; shorten the prompt or lower max_tokens")
+    try:
+        n_new, _ = pipe.check(request)
+    except MaxTokensError:
+        raise MaxTokensError(f"max_tokens must be in [1, {lim['max_new_tokens']}] (this engine folder's limit), "
+                             f"got {request.max_new_tokens}") from None
+    except PromptTooLongError:
+        n_prompt = len(request.input_ids)
+        if n_prompt > lim["max_input_len"]:
+            raise PromptTooLongError(f"the prompt has {n_prompt} tokens (images included); this engine folder takes "
+                                     f"at most {lim['max_input_len']}: shorten the messages or send fewer images") from None
+        raise PromptTooLongError(f"the prompt ({n_prompt} tokens) + max_tokens exceeds the model's "
+                                 f"{pipe.manifest.text['max_position_embeddings']} positions; shorten the prompt or "
+                                 "lower max_tokens") from None
     return n_new
 
 
@@ -160,12 +157,15 @@ class Job:
         return self.deadline is not None and now >= self.deadline
 
     def finish(self, outcome) -> None:
-        if not self._done:
+        """Deliver the outcome once (the worker and a cancelling event loop may both call this)."""
+        with _FINISH_LOCK:
+            if self._done:
+                return
             self._done = True
-            try:
-                self.on_done(outcome)
-            except Exception:  # a callback must never kill the worker
-                log.exception("job callback failed")
+        try:
+            self.on_done(outcome)
+        except Exception:  # a callback must never kill the worker
+            log.exception("job callback failed")
 
 
 class Batcher:
@@ -351,12 +351,14 @@ class Batcher:
             if len(batch) == 1:
                 batch[0].finish(exc)
                 return
-            # checked before queueing, so rare: run each alone so only the bad one fails
+            # checked before queueing, so rare: run each alone so only the bad one fails (a job that
+            # already streamed text fails too: running it again would send that text twice)
             for job in batch:
+                if job.tracker is not None and job.tracker.sent:
+                    job.finish(exc)
+                    continue
                 job.tokens.clear()
                 job.truncated = False
-                if job.tracker is not None:
-                    job.tracker.sent = ""
                 self._run([job])
             return
         run_s = time.monotonic() - start

@@ -116,13 +116,13 @@ def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input
 @click.group(cls=Group)
 @click.version_option(__version__, prog_name="dyvte")
 def main():
-    """dyvte: dynamic visual-token exit for LLaVA, exported to ONNX / TensorRT."""
+    """dyvte: dynamic visual-token exit for vision-language models, exported to ONNX / TensorRT."""
 
 
 @main.command("export", cls=Command)
 @export_options
 def export_cmd(**kwargs):
-    """Export a LLaVA checkpoint to an engine folder (same as dyvte-export)."""
+    """Export a VLM checkpoint to an engine folder (same as dyvte-export)."""
     _do_export(**kwargs)
 
 
@@ -130,7 +130,7 @@ def export_cmd(**kwargs):
 @export_options
 @click.version_option(__version__, prog_name="dyvte-export")
 def export_main(**kwargs):
-    """Export a LLaVA checkpoint to an engine folder: ONNX vision, embeddings, decoder segments
+    """Export a VLM checkpoint to an engine folder: ONNX vision, embeddings, decoder segments
     between candidate exit layers, gate and head, with a manifest."""
     _do_export(**kwargs)
 
@@ -255,7 +255,7 @@ def synth_cmd(out, num, seed):
 
 
 @main.command("train-gates", cls=Command)
-@click.option("--model", default=None, help="HF LLaVA checkpoint (folder, repo id, preset); default: the demo model.")
+@click.option("--model", default=None, help="HF checkpoint (folder, repo id, preset); default: the demo model.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="LLaVA-format JSON (default: the demo's synthetic training split).")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None, help="Folder image paths are relative to.")
@@ -273,7 +273,7 @@ def synth_cmd(out, num, seed):
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Checkpoints (default <out>.work).")
 def train_gates_cmd(model, data, image_root, out, candidates, samples, epochs, lr, batch_size, forward_batch, hidden,
                     alpha, seed, device, workdir):
-    """Train DyVTE gates on a frozen LLaVA (labels: exit vs normal run, paper Eq. 5-7); resumable."""
+    """Train DyVTE gates on a frozen VLM (labels: exit vs normal run, paper Eq. 5-7); resumable."""
     from dyvte.gate_training import GateTrainSettings, train_gates
 
     report = train_gates(GateTrainSettings(
@@ -331,32 +331,32 @@ def eval_cmd(engine_dir, data, image_root, policies, max_samples, max_new_tokens
             click.echo(f"wrote {p}", err=True)
 
 
-from . import serve as _serve  # noqa: E402  (its defaults; light: fastapi/uvicorn load when serving)
+from . import settings as _settings  # noqa: E402  (serve defaults; dyvte.serve loads only when serving)
 
 
 @main.command("serve", cls=Command)
 @click.option("--engine-dir", required=True, type=click.Path(path_type=Path), help="Engine folder from dyvte-export.")
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | torch | tensorrt")
-@click.option("--host", default=_serve.DEFAULT_HOST, show_default=True,
+@click.option("--host", default=_settings.SERVE_HOST, show_default=True,
               help="Address to bind (0.0.0.0 exposes the server to the network).")
-@click.option("--port", type=int, default=_serve.DEFAULT_PORT, show_default=True)
+@click.option("--port", type=int, default=_settings.SERVE_PORT, show_default=True)
 @click.option("--policy", default="auto", show_default=True,
               help="Default exit policy (requests may pick another with {\"dyvte\": {\"policy\": ...}}).")
 @click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
 @click.option("--max-batch", type=int, default=None, help="Most requests per batch (default: the folder's limit).")
-@click.option("--max-wait-ms", type=float, default=_serve.DEFAULT_MAX_WAIT_MS, show_default=True,
+@click.option("--max-wait-ms", type=float, default=_settings.SERVE_MAX_WAIT_MS, show_default=True,
               help="How long the oldest request waits for others to batch with.")
-@click.option("--max-queue", type=int, default=_serve.DEFAULT_MAX_QUEUE, show_default=True,
+@click.option("--max-queue", type=int, default=_settings.SERVE_MAX_QUEUE, show_default=True,
               help="Most waiting requests; more are answered 503 with Retry-After.")
-@click.option("--request-timeout", type=float, default=_serve.DEFAULT_REQUEST_TIMEOUT_S, show_default=True,
+@click.option("--request-timeout", type=float, default=_settings.SERVE_REQUEST_TIMEOUT_S, show_default=True,
               help="Seconds a request may take (queue + generation) before a 504.")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None,
               help="Allow local image paths / file:// URLs under this folder (off by default).")
-@click.option("--max-image-bytes", type=int, default=_serve.DEFAULT_MAX_IMAGE_BYTES, show_default=True,
+@click.option("--max-image-bytes", type=int, default=_settings.MAX_IMAGE_BYTES, show_default=True,
               help="Per encoded image.")
-@click.option("--max-image-pixels", type=int, default=_serve.DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+@click.option("--max-image-pixels", type=int, default=_settings.MAX_IMAGE_PIXELS, show_default=True,
               help="Per image (width x height).")
-@click.option("--max-body-bytes", type=int, default=_serve.DEFAULT_MAX_BODY_BYTES, show_default=True,
+@click.option("--max-body-bytes", type=int, default=_settings.SERVE_MAX_BODY_BYTES, show_default=True,
               help="Per request body (413 beyond).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the engine folder's name).")
 @click.option("--threads", type=int, default=None,

@@ -22,6 +22,14 @@ class InputError(DyvteError):
     """A request (image, prompt, ids, options) is invalid."""
 
 
+class PromptTooLongError(InputError):
+    """A prompt (images included) does not fit the engine folder's input or position limits."""
+
+
+class MaxTokensError(InputError):
+    """A request asks for more new tokens than the engine folder allows (or fewer than 1)."""
+
+
 class PolicyError(InputError):
     """An exit policy is unknown or cannot run on this engine folder."""
 

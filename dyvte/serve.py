@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from dyvte import settings
 from dyvte.batching import (
     Batcher,
     Job,
@@ -48,14 +49,14 @@ from dyvte.settings import DEFAULT_GATE_THRESHOLD
 log = logging.getLogger("dyvte.serve")
 
 #: Defaults of ``dyvte serve`` (flags of the same names).
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_WAIT_MS = 10.0  # how long the oldest request waits for others to batch with
-DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running batch; more get 503
-DEFAULT_REQUEST_TIMEOUT_S = 120.0  # queue + generation; then 504
-DEFAULT_MAX_IMAGE_BYTES = 10 << 20  # 10 MiB per encoded image
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked before decoding
-DEFAULT_MAX_BODY_BYTES = 32 << 20  # one request body
+DEFAULT_HOST = settings.SERVE_HOST
+DEFAULT_PORT = settings.SERVE_PORT
+DEFAULT_MAX_WAIT_MS = settings.SERVE_MAX_WAIT_MS
+DEFAULT_MAX_QUEUE = settings.SERVE_MAX_QUEUE
+DEFAULT_REQUEST_TIMEOUT_S = settings.SERVE_REQUEST_TIMEOUT_S
+DEFAULT_MAX_IMAGE_BYTES = settings.MAX_IMAGE_BYTES
+DEFAULT_MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS
+DEFAULT_MAX_BODY_BYTES = settings.SERVE_MAX_BODY_BYTES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # dyvte -> OpenAI
@@ -403,9 +404,12 @@ class ServerState:
         self.num_layers = pipe.manifest.num_layers
         limits = pipe.limits
         model = pipe.manifest.model
-        per_image = (model.get("vision") or {}).get("tokens_per_tile") or model.get("num_visual_tokens")
+        per_image = model["vision"]["tokens_per_tile"]
         self.max_images = limits["max_input_len"] // per_image if per_image else None  # before decoding any
-        max_batch = settings.max_batch or limits["max_batch"]
+        max_batch = limits["max_batch"] if settings.max_batch is None else settings.max_batch
+        if not 1 <= max_batch <= limits["max_batch"]:  # here, not at server start-up: one line, exit 1
+            raise InputError(f"--max-batch must be in [1, {limits['max_batch']}] (this engine folder's limit with "
+                             f"backend {pipe.backend}), got {max_batch}")
         self.metrics = Metrics(self.num_layers, max_batch)
         self.batcher: Batcher | None = None
         self._max_batch = max_batch

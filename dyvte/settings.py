@@ -43,6 +43,16 @@ TOLERANCES = {
 CACHE_CAPACITY_STEP = 64
 DEFAULT_CACHE_POOL_BYTES = 4 << 30
 
+#: dyvte serve (README "Serving").
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+SERVE_MAX_WAIT_MS = 10.0  # how long the oldest request waits for others to batch with
+SERVE_MAX_QUEUE = 64  # requests waiting beyond the running batch; more get 503
+SERVE_REQUEST_TIMEOUT_S = 120.0  # queue + generation; then 504
+MAX_IMAGE_BYTES = 10 << 20  # 10 MiB per encoded image (serve, Triton)
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked before decoding (serve, Triton)
+SERVE_MAX_BODY_BYTES = 32 << 20  # one request body
+
 #: Generation defaults.
 DEFAULT_MAX_NEW_TOKENS_RUN = 64
 

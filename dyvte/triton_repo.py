@@ -99,7 +99,10 @@ def write_triton_repo(s: TritonRepoSettings) -> Path:
         parse_policy(s.policy, manifest)
     if s.kind not in KINDS:
         raise InputError(f"kind must be cpu or gpu, got {s.kind!r}")
-    instance_backend(s.backend, s.kind.upper(), 0, manifest.dtype)  # refuses impossible combinations now
+    from dyvte import features
+
+    instance_backend(s.backend, s.kind.upper(), 0, manifest.dtype,
+                     tuple(features.built_engines(manifest)))  # refuses impossible combinations now
     limit = int(manifest.data["limits"]["max_batch"])
     max_batch = limit if s.max_batch is None else s.max_batch
     if not 1 <= max_batch <= limit:
@@ -132,10 +135,12 @@ def write_triton_repo(s: TritonRepoSettings) -> Path:
     return model_dir
 
 
-def instance_backend(backend: str, kind: str, device_id: int, dtype: str = "float32") -> tuple[str, dict]:
+def instance_backend(backend: str, kind: str, device_id: int, dtype: str = "float32",
+                     built: tuple = ()) -> tuple[str, dict]:
     """The Pipeline backend and its options for one Triton model instance (``kind`` CPU, GPU or
-    MODEL): KIND_GPU instances run torch or TensorRT on their own ``cuda:N``, KIND_CPU instances
-    ONNX Runtime (torch for bfloat16 folders) on the CPU."""
+    MODEL): KIND_GPU instances run torch, or TensorRT when the folder has a finished build
+    (``built``: :func:`dyvte.features.built_engines`), on their own ``cuda:N``; KIND_CPU
+    instances ONNX Runtime (torch for bfloat16 folders) on the CPU."""
     from dyvte.runtime.backends import BACKENDS
 
     if backend not in ("auto", *BACKENDS):
@@ -146,7 +151,7 @@ def instance_backend(backend: str, kind: str, device_id: int, dtype: str = "floa
         if backend == "auto":
             from dyvte import features
 
-            backend = "tensorrt" if features.has_tensorrt() else "torch"
+            backend = "tensorrt" if "tensorrt" in built and features.has_tensorrt() else "torch"
         return backend, {"device": f"cuda:{device_id}"}
     if kind == "CPU":
         if backend == "tensorrt":
@@ -163,7 +168,8 @@ class TritonModel:
 
     def __init__(self, pipe, policy: str = "auto", gate_threshold: float = 0.5, max_image_bytes: int | None = None,
                  max_image_pixels: int | None = None):
-        from dyvte.serve import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+        from dyvte.settings import MAX_IMAGE_BYTES as DEFAULT_MAX_IMAGE_BYTES
+        from dyvte.settings import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
 
         self.pipe = pipe
         self.policy = pipe.policy(policy).name  # validates
@@ -185,9 +191,12 @@ class TritonModel:
         if not engine.is_absolute():
             engine = Path(args["model_repository"]) / str(args["model_version"]) / engine
         kind = args.get("model_instance_kind", "CPU")
-        dtype = Manifest.load(engine, verify="exists").dtype
+        from dyvte import features
+
+        manifest = Manifest.load(engine, verify="exists")
         backend, options = instance_backend(params.get("BACKEND", "auto"), kind,
-                                            int(args.get("model_instance_device_id", 0) or 0), dtype)
+                                            int(args.get("model_instance_device_id", 0) or 0), manifest.dtype,
+                                            tuple(features.built_engines(manifest)))
         pipe = Pipeline.load(engine, backend=backend, **options)
         max_batch = int(cfg.get("max_batch_size", 0))
         if max_batch > pipe.limits["max_batch"]:

@@ -64,7 +64,7 @@ def encode(processor, image, prompt: str):
     n_images = text.count(getattr(processor, "image_token", "<image>"))
     if n_images != 1:
         raise InputError(f"the prompt holds {n_images} image placeholders; pass exactly one with one image")
-    return _outputs(processor(images=[img], text=[text], return_tensors="np"), True)
+    return _outputs(_process(processor, [img], text), True)
 
 
 def encode_messages(processor, messages: list):
@@ -98,4 +98,14 @@ def encode_messages(processor, messages: list):
     if not getattr(processor, "chat_template", None):
         raise InputError("this engine folder's processor has no chat template; pass token ids to generate_ids instead")
     text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    return _outputs(processor(images=images or None, text=[text], return_tensors="np"), bool(images))
+    return _outputs(_process(processor, images or None, text), bool(images))
+
+
+def _process(processor, images, text: str):
+    """The processor's outputs; what it refuses (e.g. an image of aspect ratio > 200 for Qwen-VL)
+    is a one-line InputError."""
+    try:
+        return processor(images=images, text=[text], return_tensors="np")
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"the model's processor cannot take this input ({msg}); resize or re-encode the image") from None

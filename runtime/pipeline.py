@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dyvte.engines.manifest import Manifest
-from dyvte.errors import InputError
+from dyvte.errors import InputError, MaxTokensError, PromptTooLongError
 from dyvte.settings import DEFAULT_GATE_THRESHOLD, DEFAULT_MAX_NEW_TOKENS_RUN
 
 from .policies import Policy, parse_policy
@@ -224,54 +224,60 @@ class Pipeline:
     def _check(self, requests: list[Request]) -> tuple[list[int], list]:
         """Validate a batch against the runner's limits; returns each request's max_new_tokens and
         its checked images (:class:`dyvte.families.Vision` or None)."""
-        import torch
-
-        m, lim = self.manifest, self.runner.limits
-        image_id = m.model["image_token_id"]
-        vocab = m.text["vocab_size"]
+        lim = self.runner.limits
         if not requests:
             raise InputError("no prompts given")
         if len(requests) > lim["max_batch"]:
             raise InputError(f"batch of {len(requests)} exceeds this engine folder's limit of {lim['max_batch']} "
                              f"(backend {self.backend}); split the batch or re-export/rebuild with --max-batch")
-        max_new, visions = [], []
-        for i, r in enumerate(requests):
-            p = r.input_ids
-            n_new = r.max_new_tokens
-            if n_new is None:  # default: 64, or the folder's limit when smaller
-                n_new = min(DEFAULT_MAX_NEW_TOKENS_RUN, lim["max_new_tokens"])
-            if isinstance(n_new, bool) or not isinstance(n_new, int) or not 1 <= n_new <= lim["max_new_tokens"]:
-                raise InputError(f"max_new_tokens must be in [1, {lim['max_new_tokens']}] (the limit of backend "
+        checked = [self.check(r, i) for i, r in enumerate(requests)]
+        return [n for n, _ in checked], [v for _, v in checked]
+
+    def check(self, r: Request, i: int = 0):
+        """Validate one request against the runner's limits and the folder's model: returns its
+        max_new_tokens and its checked images (:class:`dyvte.families.Vision` or None). Raises a
+        one-line :class:`InputError` (:class:`PromptTooLongError`, :class:`MaxTokensError` for
+        those limits)."""
+        import torch
+
+        m, lim = self.manifest, self.runner.limits
+        image_id = m.model["image_token_id"]
+        vocab = m.text["vocab_size"]
+        p = r.input_ids
+        n_new = r.max_new_tokens
+        if n_new is None:  # default: 64, or the folder's limit when smaller
+            n_new = min(DEFAULT_MAX_NEW_TOKENS_RUN, lim["max_new_tokens"])
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or not 1 <= n_new <= lim["max_new_tokens"]:
+            raise MaxTokensError(f"max_new_tokens must be in [1, {lim['max_new_tokens']}] (the limit of backend "
                                  f"{self.backend}; re-export or rebuild with --max-new-tokens for more), got {n_new}")
-            if not isinstance(p, torch.Tensor) or p.ndim != 1 or len(p) == 0:
-                raise InputError(f"prompt {i} is empty" if isinstance(p, torch.Tensor) and p.ndim == 1
-                                 else f"prompt {i}: input_ids must be a 1-D tensor of token ids")
-            if len(p) > lim["max_input_len"]:
-                raise InputError(f"prompt {i} has {len(p)} tokens; this engine folder takes at most "
-                                 f"{lim['max_input_len']} with backend {self.backend} (shorten the prompt or "
-                                 "re-export/rebuild with --max-input-len)")
-            if len(p) + n_new > m.text["max_position_embeddings"]:
-                raise InputError(f"prompt {i} ({len(p)} tokens) + {n_new} new tokens exceeds the model's "
-                                 f"{m.text['max_position_embeddings']} positions; shorten the prompt or lower max_new_tokens")
-            other = p[p != image_id]
-            if len(other) and (int(other.min()) < 0 or int(other.max()) >= vocab):
-                raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-            n_tok = int((p == image_id).sum())
-            self.family.check_ids(self.vision_meta, p, i)
-            vision = self.family.prepare(self.vision_meta, r.vision_inputs(), i)
-            most = int(self.vision_meta["max_tiles"])
-            if vision is not None and vision.num_tiles > most:
-                raise InputError(f"prompt {i}: its images make {vision.num_tiles} tiles; this engine folder takes at "
-                                 f"most {most} per prompt (re-export with --max-tiles)")
-            got = vision.tokens if vision is not None else 0
-            if got != n_tok:
-                what = (f"its {vision.images} image(s) give {got} visual tokens" if vision is not None
-                        else "no images were given")
-                raise InputError(f"prompt {i} holds {n_tok} image tokens but {what}; build prompt and images with "
-                                 "the folder's processor")
-            max_new.append(n_new)
-            visions.append(vision)
-        return max_new, visions
+        if not isinstance(p, torch.Tensor) or p.ndim != 1 or len(p) == 0:
+            raise InputError(f"prompt {i} is empty" if isinstance(p, torch.Tensor) and p.ndim == 1
+                             else f"prompt {i}: input_ids must be a 1-D tensor of token ids")
+        if len(p) > lim["max_input_len"]:
+            raise PromptTooLongError(f"prompt {i} has {len(p)} tokens (images included); this engine folder takes at "
+                                     f"most {lim['max_input_len']} with backend {self.backend} (shorten the prompt "
+                                     "or re-export/rebuild with --max-input-len)")
+        if len(p) + n_new > m.text["max_position_embeddings"]:
+            raise PromptTooLongError(f"prompt {i} ({len(p)} tokens) + {n_new} new tokens exceeds the model's "
+                                     f"{m.text['max_position_embeddings']} positions; shorten the prompt or lower "
+                                     "max_new_tokens")
+        other = p[p != image_id]
+        if len(other) and (int(other.min()) < 0 or int(other.max()) >= vocab):
+            raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+        n_tok = int((p == image_id).sum())
+        self.family.check_ids(self.vision_meta, p, i)
+        vision = self.family.prepare(self.vision_meta, r.vision_inputs(), i)
+        most = int(self.vision_meta["max_tiles"])
+        if vision is not None and vision.num_tiles > most:
+            raise InputError(f"prompt {i}: its images make {vision.num_tiles} tiles; this engine folder takes at "
+                             f"most {most} per prompt (re-export with --max-tiles)")
+        got = vision.tokens if vision is not None else 0
+        if got != n_tok:
+            what = (f"its {vision.images} image(s) give {got} visual tokens" if vision is not None
+                    else "no images were given")
+            raise InputError(f"prompt {i} holds {n_tok} image tokens but {what}; build prompt and images with "
+                             "the folder's processor")
+        return n_new, vision
 
     def run(self, requests: list[Request], policy: str | None = "auto", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
             return_logits: bool = False, on_step=None) -> list:
@@ -286,6 +292,8 @@ class Pipeline:
         from .sampling import Sampler
 
         pol = self.policy(policy)
+        if not isinstance(gate_threshold, (int, float)) or not 0.0 <= gate_threshold <= 1.0:  # NaN fails too
+            raise InputError(f"gate_threshold must be in [0, 1] (exit when p(exit) exceeds it), got {gate_threshold}")
         with self._lock:
             if self.runner is None:
                 raise InputError("this Pipeline is closed; load the engine folder again")

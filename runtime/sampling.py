@@ -6,6 +6,7 @@ batch as it does alone.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 from dyvte.errors import InputError
@@ -37,8 +38,8 @@ class Sampler:
         for p in self.params:
             g = None
             if p.temperature > 0:
-                g = torch.Generator(device=device)
-                g.manual_seed(p.seed if p.seed is not None else torch.seed())
+                g = torch.Generator(device=device)  # never torch.seed(): it would reseed the caller's global RNG
+                g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
             self.generators.append(g)
         self.greedy = all(g is None for g in self.generators)
 

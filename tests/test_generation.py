@@ -200,3 +200,36 @@ def test_encode_chat(llama, pipelines, tmp_path):
                 [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "missing.png")}]}]):
         with pytest.raises(InputError):
             pipe.encode_chat(bad)
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(llama, pipelines):
+    import torch
+
+    from dyvte.errors import InputError
+
+    pipe = pipelines(llama.engine_dir)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    pipe.generate(make_image(0), "what color ?", max_new_tokens=3, policy="never", temperature=0.8)  # no seed
+    assert torch.equal(torch.rand(3), expected)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(InputError, match="gate_threshold"):
+            pipe.generate(make_image(0), "what color ?", max_new_tokens=1, gate_threshold=bad)
+
+
+def test_processor_refusals_are_input_errors(llama, pipelines):
+    from dyvte.errors import InputError
+
+    pipe = pipelines(llama.engine_dir)
+
+    class Refusing:  # a processor that refuses an image, as Qwen-VL's does for aspect ratios > 200
+        image_token, chat_template = "<image>", None
+
+        def __call__(self, **kw):
+            raise ValueError("absolute aspect ratio must be smaller than 200, got 500.0")
+
+    from dyvte.runtime.inputs import encode
+
+    with pytest.raises(InputError, match="processor cannot take this input.*aspect ratio"):
+        encode(Refusing(), make_image(0), "what ?")

@@ -524,3 +524,14 @@ def test_load_test_script(server, llama, tmp_path):
     r = subprocess.run([sys.executable, str(script), "--engine-dir", str(llama.engine_dir), "--url",
                         "http://10.1.2.3:8000"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "loopback" in r.stderr
+
+
+def test_max_batch_outside_the_folder_limit_is_one_line(llama, pipelines):
+    """Checked when the app is made (a one-line error, exit 1), not inside uvicorn's start-up."""
+    from dyvte.errors import InputError
+    from dyvte.serve import ServerState, ServeSettings
+
+    pipe = pipelines(llama.engine_dir)
+    for bad in (0, pipe.limits["max_batch"] + 1):
+        with pytest.raises(InputError, match=r"--max-batch must be in \[1, \d+\]"):
+            ServerState(pipe, ServeSettings(pipe.manifest.root, max_batch=bad))

@@ -153,3 +153,13 @@ def test_second_gpu_is_honoured(llama, pipelines):
     kw = dict(max_new_tokens=5, policy="gate", return_logits=True)
     _compare(pt.generate(make_image(0), PROMPTS[0], **kw), pipelines(llama.engine_dir).generate(make_image(0), PROMPTS[0], **kw),
              atol=2e-3)
+
+
+def test_backend_options(llama):
+    from dyvte.errors import InputError
+    from dyvte.runtime import Pipeline
+
+    with Pipeline.load(llama.engine_dir, backend="auto", device="cpu", cache_pool_bytes=0) as pipe:  # any backend
+        assert pipe.generate(make_image(0), PROMPTS[0], max_new_tokens=2).token_ids
+    with pytest.raises(InputError, match="backend onnxruntime takes no option device"):
+        Pipeline.load(llama.engine_dir, backend="onnxruntime", device="cpu")

@@ -76,6 +76,7 @@ def test_instance_backend():
     assert instance_backend("auto", "CPU", 0) == ("onnxruntime", {})
     assert instance_backend("auto", "CPU", 0, "bfloat16") == ("torch", {"device": "cpu"})
     assert instance_backend("torch", "GPU", 3) == ("torch", {"device": "cuda:3"})
+    assert instance_backend("auto", "GPU", 2) == ("torch", {"device": "cuda:2"})  # no finished TensorRT build
     assert instance_backend("tensorrt", "GPU", 1) == ("tensorrt", {"device": "cuda:1"})
     with pytest.raises(InputError):
         instance_backend("onnxruntime", "GPU", 0)

@@ -2,10 +2,10 @@
 
 Buffers are torch CUDA tensors bound by address. Each segment engine has one execution
 context per optimization profile (full, text, decode); all contexts share one scratch buffer
-(they run one after another on the same stream). KV caches are preallocated to the profile's
-maximum as two flat buffers per layer: a call reads ``past`` from one and writes ``present``
-(past + new tokens) into the other, then they swap (TensorRT outputs cannot alias inputs), so
-decoding allocates nothing and never leaves the GPU.
+(they run one after another on the same stream). Each request's KV cache is allocated once, at
+prefill, for its prompt + max_new_tokens, as two flat buffers per layer: a call reads ``past``
+from one and writes ``present`` (past + new tokens) into the other, then they swap (TensorRT
+outputs cannot alias inputs), so decoding allocates nothing and never leaves the GPU.
 """
 
 from __future__ import annotations
