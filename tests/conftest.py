@@ -178,3 +178,18 @@ def image_file(tmp_path) -> Path:
     path = tmp_path / "img.png"
     make_image(3).save(path)
     return path
+
+
+class RecordingRunner:
+    """Wraps a runner and records every segment call as (segment, mode, rows, new tokens,
+    position ids as the graph gets them)."""
+
+    def __init__(self, runner):
+        self._runner, self.calls = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+        self.calls.append((index, mode, hidden.shape[0], hidden.shape[1], position_ids.clone()))
+        return self._runner.segment(index, hidden, position_ids, attention_mask, cache, mode)

@@ -81,24 +81,12 @@ def test_prompt_with_explicit_image_token(llama, pipelines):
         pipe.generate(make_image(0), "USER: <image> <image> two ASSISTANT:")
 
 
-class _Recorder:
-    """Wraps a runner and records every segment call (segment, mode, rows, new tokens)."""
-
-    def __init__(self, runner):
-        self._runner, self.calls = runner, []
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
-        self.calls.append((index, mode, hidden.shape[0], hidden.shape[1]))
-        return self._runner.segment(index, hidden, position_ids, attention_mask, cache, mode)
-
-
 def _recorded(pipe):
     from dyvte.runtime.pipeline import Pipeline
 
-    rec = _Recorder(pipe.runner)
+    from conftest import RecordingRunner
+
+    rec = RecordingRunner(pipe.runner)
     return Pipeline(pipe.manifest, rec, pipe.processor), rec
 
 
@@ -129,7 +117,7 @@ def test_rows_that_cannot_exit(llama, pipelines):
             assert res.exit_layer == L and res.gate_probs == {}, policy
             assert res.token_ids == ref.token_ids
             np.testing.assert_allclose(res.logits, ref.logits, atol=1e-5)
-            assert all(mode != "text" for _, mode, _, _ in rec.calls), (policy, rec.calls)
+            assert all(mode != "text" for _, mode, *_ in rec.calls), (policy, rec.calls)
     # in a batch with a row that does exit, only that row goes to the text group
     from dyvte.runtime.pipeline import Request
 
@@ -138,7 +126,7 @@ def test_rows_that_cannot_exit(llama, pipelines):
                      policy="layer:1")
     assert [r.exit_layer for r in mixed] == [1, L, L]
     text_calls = [c for c in rec.calls if c[1] == "text"]
-    assert text_calls and all(rows == 1 for _, _, rows, _ in text_calls)
+    assert text_calls and all(rows == 1 for _, _, rows, *_ in text_calls)
 
 
 def test_batch_of_requests_with_their_own_options(llama, pipelines):
@@ -218,10 +206,8 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(llama, pipelines):
             pipe.generate(make_image(0), "what color ?", max_new_tokens=1, gate_threshold=bad)
 
 
-def test_processor_refusals_are_input_errors(llama, pipelines):
+def test_processor_refusals_are_input_errors():
     from dyvte.errors import InputError
-
-    pipe = pipelines(llama.engine_dir)
 
     class Refusing:  # a processor that refuses an image, as Qwen-VL's does for aspect ratios > 200
         image_token, chat_template = "<image>", None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image
+from conftest import RecordingRunner, make_image
 from reference import generate_with_exit
 
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
@@ -26,20 +26,6 @@ def _chat(pipe, sizes, question="what color ?", seed=0):
         parts += [{"type": "image", "image": make_image(seed + j, size)}, {"type": "text", "text": "and" if j else "see"}]
     parts[-1] = {"type": "text", "text": question}
     return pipe.encode_chat([{"role": "user", "content": parts}], 6)
-
-
-class _Recorder:
-    """Wraps a runner and records the position ids of every segment call."""
-
-    def __init__(self, runner):
-        self._runner, self.calls = runner, []
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
-        self.calls.append((index, mode, position_ids.clone()))
-        return self._runner.segment(index, hidden, position_ids, attention_mask, cache, mode)
 
 
 @pytest.mark.parametrize("sizes", [[(90, 40)], TWO_IMAGES, [(64, 64), (20, 20), (31, 70)], []])
@@ -84,7 +70,7 @@ def test_exit_keeps_rows_and_decoding_continues_from_rope_delta(qwen, pipelines)
     from dyvte.runtime.pipeline import Pipeline
 
     base = pipelines(qwen.engine_dir)
-    rec = _Recorder(base.runner)
+    rec = RecordingRunner(base.runner)
     manifest = copy.deepcopy(base.manifest)
     manifest.data["model"]["eos_token_ids"] = []  # always 6 tokens: 5 decode steps to check
     pipe = Pipeline(manifest, rec, base.processor)
@@ -100,7 +86,7 @@ def test_exit_keeps_rows_and_decoding_continues_from_rope_delta(qwen, pipelines)
     res = pipe.run(reqs, policy="gate", gate_threshold=thr)
     exited = [r.exit_layer == k for r in res]
     assert sorted(exited) == [False, True] and all(len(r.token_ids) == 6 for r in res)
-    text_calls = [p for _, mode, p in rec.calls if mode == "text"]
+    text_calls = [p for _, mode, _, _, p in rec.calls if mode == "text"]
     assert text_calls, "no text-only prefill"
     j = exited.index(True)
     pos, _ = rows[j]
@@ -108,7 +94,7 @@ def test_exit_keeps_rows_and_decoding_continues_from_rope_delta(qwen, pipelines)
     got = text_calls[0][:, 0].T  # [3,1,S] -> [S,3]
     assert torch.equal(got[-len(kept):], kept)
     steps = []  # decode calls per step (a step starts at segment 0)
-    for index, mode, p in rec.calls:
+    for index, mode, _, _, p in rec.calls:
         if mode == "decode":
             if index == 0:
                 steps.append([])
