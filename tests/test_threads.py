@@ -39,6 +39,25 @@ def _jobs(llama):
     return jobs
 
 
+def _in_threads(fn, n: int) -> list[str]:
+    """Run fn(0) .. fn(n-1) on n threads started together; the exceptions they raised."""
+    errors, barrier = [], threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        try:
+            fn(i)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def _key(results):
     results = results if isinstance(results, list) else [results]
     return [(r.exit_layer, r.token_ids, r.finish_reason) for r in results]
@@ -61,23 +80,13 @@ def test_shared_pipeline_under_threads(llama, backend, options, tmp_path):
     jobs = _jobs(llama)
     alone = [pipe.generate(img, prompt, **kw) for img, prompt, kw in jobs]  # one after another
     got = [None] * len(jobs)
-    errors = []
-    barrier = threading.Barrier(6)
 
     def worker(w):
-        barrier.wait()
-        try:
-            for j in range(w, len(jobs), 6):
-                img, prompt, kw = jobs[j]
-                got[j] = pipe.generate(img, prompt, **kw)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(repr(exc))
+        for j in range(w, len(jobs), 6):
+            img, prompt, kw = jobs[j]
+            got[j] = pipe.generate(img, prompt, **kw)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _in_threads(worker, 6)
     assert not errors, errors[:3]
     for j, (a, b) in enumerate(zip(got, alone)):
         assert _key(a) == _key(b), j
@@ -101,19 +110,12 @@ def test_threads_loading_pipelines(llama):
     """Pipelines created concurrently (the ONNX Runtime thread pool is process-wide) all work."""
     from dyvte.runtime import Pipeline
 
-    out, errors = [None] * 3, []
+    out = [None] * 3
 
     def load(i):
-        try:
-            with Pipeline.load(llama.engine_dir, backend=["onnxruntime", "torch", "onnxruntime"][i]) as p:
-                out[i] = p.generate(make_image(0), PROMPTS[0], max_new_tokens=3, policy="never").token_ids
-        except Exception as exc:  # noqa: BLE001
-            errors.append(repr(exc))
+        with Pipeline.load(llama.engine_dir, backend=["onnxruntime", "torch", "onnxruntime"][i]) as p:
+            out[i] = p.generate(make_image(0), PROMPTS[0], max_new_tokens=3, policy="never").token_ids
 
-    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _in_threads(load, 3)
     assert not errors and out[0] == out[1] == out[2]
 
