@@ -7,6 +7,7 @@ looked and the command that downloads it. Weights are read from safetensors only
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -130,21 +131,65 @@ def load_model(path: Path, dtype: str = "float32"):
     return model.eval()
 
 
+#: JSON files of a processor folder, parsed before loading so that a broken one is named.
+PROCESSOR_JSON = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
+                  "chat_template.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them holds the vocabulary
+
+
+def check_processor_files(path: Path) -> None:
+    """Refuse a folder whose processor files are broken or missing: one line naming the file."""
+    data = {}
+    for name in PROCESSOR_JSON:
+        file = path / name
+        if file.is_file():
+            try:
+                data[name] = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ModelNotFoundError(f"{file} is not valid JSON ({exc}); restore it from the original "
+                                         "checkpoint") from None
+            if not isinstance(data[name], dict):
+                raise ModelNotFoundError(f"{file} is not a JSON object; restore it from the original checkpoint")
+    if "preprocessor_config.json" not in data and "image_processor" not in data.get("processor_config.json", {}):
+        raise ModelNotFoundError(f"{path} has no preprocessor_config.json (the image processor's settings); copy it "
+                                 "from the original checkpoint")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                                 "tokenizer files from the original checkpoint")
+    if "chat_template.json" in data and not isinstance(data["chat_template.json"].get("chat_template"), str):
+        raise ModelNotFoundError(f"{path / 'chat_template.json'} has no \"chat_template\" string; restore it from the "
+                                 "original checkpoint")
+
+
 def load_processor(path: Path, family=None):
     """Load the checkpoint's processor (tokenizer, image processor, chat template) as its model
-    family does (default: the family of ``path/config.json``)."""
+    family does (default: the family of ``path/config.json``). The chat template may be in
+    chat_template.jinja, chat_template.json or tokenizer_config.json; prompts need one."""
     quiet_transformers()
+    path = Path(path)
     if family is None:
         from .families import family_for_config
 
         family = family_for_config(load_config(path))
+    check_processor_files(path)
     try:
-        return family.load_processor(path)
-    except (OSError, ValueError, TypeError) as exc:
+        processor = family.load_processor(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
+        lines = str(exc).strip().splitlines()
+        reason = (lines[0][:200] + "..." * (len(lines[0]) > 200)) if lines else type(exc).__name__
         raise ModelNotFoundError(
-            f"cannot load the processor/tokenizer from {path}: {exc}; the folder needs "
-            "tokenizer and preprocessor files next to config.json"
+            f"cannot load the processor/tokenizer from {path}: {reason}; the folder needs the checkpoint's "
+            "tokenizer files and preprocessor_config.json next to config.json"
         ) from None
+    if not processor.chat_template:  # a template only in tokenizer_config.json is the tokenizer's
+        processor.chat_template = getattr(processor.tokenizer, "chat_template", None)
+    if not processor.chat_template:
+        raise ModelNotFoundError(
+            f"{path} has no chat template (chat_template.jinja, chat_template.json or \"chat_template\" in "
+            "tokenizer_config.json), which dyvte needs to format prompts; copy the model's template from the "
+            "original checkpoint into chat_template.jinja"
+        )
+    return processor
 
 
 def config_from_dict(data: dict):

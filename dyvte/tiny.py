@@ -285,10 +285,81 @@ def build_config(spec: TinyLlavaSpec):
     return LlavaConfig(**common)
 
 
-def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, model=None) -> Path:
+@dataclass(frozen=True)
+class Layout:
+    """Which files hold a checkpoint folder's processor settings and chat template. Default: what
+    transformers 5's ``save_pretrained`` writes."""
+
+    # nested: the image processor inside processor_config.json (transformers 5); separate:
+    # preprocessor_config.json, plus processor_config.json when the processor has settings of its own
+    # (transformers 4, e.g. llava-hf/*); none: preprocessor_config.json alone (Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-*)
+    processor_config: str = "nested"
+    # the files holding the template: chat_template.jinja, chat_template.json ({"chat_template": ...}),
+    # tokenizer_config.json (its "chat_template" entry); () for none
+    chat_template: tuple[str, ...] = ("chat_template.jinja",)
+    video_config: bool = False  # video_preprocessor_config.json too (transformers >= 4.52 saves of video families)
+
+
+#: Layouts published checkpoints come in.
+LAYOUTS = {
+    "saved": Layout(),  # saved by transformers 5
+    "llava-hf": Layout("separate", ("chat_template.json",)),  # llava-hf/llava-1.5-7b-hf, llava-v1.6-*
+    "internvl3-hf": Layout("separate", ("chat_template.jinja",), video_config=True),  # OpenGVLab/InternVL3-*-hf
+    "qwen2.5-vl": Layout("none", ("chat_template.json", "tokenizer_config.json")),  # Qwen/Qwen2.5-VL-7B-Instruct
+    "qwen2-vl-early": Layout("none", ("tokenizer_config.json",)),  # early Qwen/Qwen2-VL-* revisions, fine-tunes
+    "none-jinja": Layout("none", ("chat_template.jinja",)),  # fine-tunes saved without a processor config
+}
+
+#: Video processors of the processors that have one (written by ``Layout.video_config``).
+VIDEO_PROCESSORS = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+                    "InternVLProcessor": "InternVLVideoProcessor"}
+
+
+def write_layout(out_dir: str | Path, layout: Layout) -> None:
+    """Rewrite the processor files of a folder saved by transformers 5 into ``layout``, with exactly
+    the files a checkpoint of that layout has (Qwen-VL's image processor as its Hub files write it:
+    ``min_pixels``/``max_pixels``)."""
+    import json
+
+    out_dir = Path(out_dir)
+
+    def read(name):
+        return json.loads((out_dir / name).read_text())
+
+    def write(name, data):
+        (out_dir / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    proc = read("processor_config.json")
+    cls = proc["processor_class"]
+    if layout.processor_config != "nested":
+        image = {**proc.pop("image_processor"), "processor_class": cls}
+        if image["image_processor_type"].startswith("Qwen2VL"):
+            size = image.pop("size")
+            image.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        write("preprocessor_config.json", image)
+        if layout.processor_config == "separate" and set(proc) != {"processor_class"}:
+            write("processor_config.json", proc)
+        else:
+            (out_dir / "processor_config.json").unlink()
+    if layout.video_config and cls in VIDEO_PROCESSORS:
+        write("video_preprocessor_config.json", {"video_processor_type": VIDEO_PROCESSORS[cls], "processor_class": cls})
+    template_file = out_dir / "chat_template.jinja"
+    template = template_file.read_text()
+    template_file.unlink()
+    for name in layout.chat_template:
+        if name == "chat_template.jinja":
+            template_file.write_text(template)
+        elif name == "chat_template.json":
+            write(name, {"chat_template": template})
+        else:
+            write(name, {**read(name), "chat_template": template})
+
+
+def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, model=None,
+                     layout: Layout | None = None) -> Path:
     """Write a complete HF checkpoint folder of the spec's family (random weights unless ``model``
     is given; InternVL's layer scales, CLS token and position embeddings are randomised too, so
-    that they matter)."""
+    that they matter), with its processor files in ``layout`` (default: as transformers 5 saves them)."""
     import torch
 
     from .families import family_named
@@ -315,4 +386,6 @@ def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, mo
             setattr(model.generation_config, key, value)
     model.save_pretrained(out_dir, safe_serialization=True)
     family.save_processor(build_processor(spec), out_dir)
+    if layout is not None:
+        write_layout(out_dir, layout)
     return out_dir

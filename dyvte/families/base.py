@@ -68,10 +68,43 @@ class Family:
     def image_token_id(self, config) -> int:
         return int(config.image_token_id)
 
+    processor_settings: tuple[str, ...] = ()  # processor attributes a folder without processor_config.json lacks
+
+    def image_only_processor(self):
+        """The family's processor class without a video processor, for when the stock one cannot be
+        built (its video processor needs torchvision); None: the stock processor has no video side."""
+        return None
+
+    def processor_defaults(self, config) -> dict:
+        """Values of :attr:`processor_settings` as the model's config implies them."""
+        return {}
+
     def load_processor(self, path):
+        """The folder's processor by ``AutoProcessor``; if that fails, the :meth:`image_only_processor`
+        (what fails for another reason fails there too and is raised from it). Settings that
+        processor_config.json does not hold (older folders have none) come from config.json."""
+        import json
+        from pathlib import Path
+
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        try:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        except Exception:  # e.g. ImportError, ValueError or OSError: its video processor needs torchvision
+            image_only = self.image_only_processor()
+            if image_only is None:
+                raise
+            processor = image_only.from_pretrained(path)
+        saved = Path(path) / "processor_config.json"
+        saved = json.loads(saved.read_text()) if saved.is_file() else {}
+        missing = [name for name in self.processor_settings if name not in saved]
+        if missing:
+            from transformers import AutoConfig
+
+            defaults = self.processor_defaults(AutoConfig.from_pretrained(path, trust_remote_code=False))
+            for name in missing:
+                setattr(processor, name, defaults[name])
+        return processor
 
     def save_processor(self, processor, out_dir) -> None:
         """Save the processor as a standard HF processor folder."""

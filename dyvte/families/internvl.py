@@ -83,15 +83,14 @@ class InternVL(Family):
                "internvl3-8b": "OpenGVLab/InternVL3-8B-hf"}
     stock_processor = "InternVLProcessor"
     tile_unit = "tile"
+    processor_settings = ("image_seq_length",)
 
     # -- checkpoint side ---------------------------------------------------------------------------
-    def load_processor(self, path):
-        from transformers import AutoProcessor
+    def image_only_processor(self):
+        return image_only_processor_class()
 
-        try:
-            return AutoProcessor.from_pretrained(path, trust_remote_code=False)
-        except (OSError, ValueError, AttributeError, TypeError):  # no torchvision: no video processor
-            return image_only_processor_class().from_pretrained(path)
+    def processor_defaults(self, config):
+        return {"image_seq_length": int(config.image_seq_length)}
 
     def _feature_layer(self, config) -> tuple[int, int]:
         """(feature layer as configured, tower layers it needs)."""

@@ -67,8 +67,15 @@ class Llava(Family):
     model_types = ("llava",)
     hf_class = "LlavaForConditionalGeneration"
     presets = {"llava-7b": "llava-hf/llava-1.5-7b-hf", "llava-13b": "llava-hf/llava-1.5-13b-hf"}
+    processor_settings = ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
 
     # -- checkpoint side ---------------------------------------------------------------------------
+    def processor_defaults(self, config):
+        """The tower's patch size and feature selection; one extra token for CLIP's CLS token."""
+        vc = config.vision_config
+        return dict(patch_size=int(vc.patch_size), vision_feature_select_strategy=config.vision_feature_select_strategy,
+                    num_additional_image_tokens=int(vc.model_type == "clip_vision_model"))
+
     def projector(self, config):
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 

@@ -189,13 +189,8 @@ class QwenVL(Family):
     tower_class = ""
 
     # -- checkpoint side ---------------------------------------------------------------------------
-    def load_processor(self, path):
-        from transformers import AutoProcessor
-
-        try:
-            return AutoProcessor.from_pretrained(path, trust_remote_code=False)
-        except (OSError, ValueError, AttributeError, TypeError):  # no torchvision: no video processor
-            return image_only_processor_class(self.stock_processor).from_pretrained(path)
+    def image_only_processor(self):
+        return image_only_processor_class(self.stock_processor)
 
     def mrope_section(self, model) -> tuple[int, ...]:
         section = getattr(self.language_model(model).rotary_emb, "mrope_section", None)
