@@ -76,6 +76,16 @@ class Manifest:
         return [int(c) for c in self.data["candidates"]]
 
     @property
+    def prune_layers(self) -> list[int]:
+        """Segment boundaries added for pruning stages besides the candidates (``--prune-layers``)."""
+        return [int(k) for k in self.data.get("prune_layers", [])]
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Layers a segment starts at, 0 excluded: the candidates and the prune layers."""
+        return sorted(set(self.candidates) | set(self.prune_layers))
+
+    @property
     def limits(self) -> dict:
         return self.data["limits"]
 
@@ -142,10 +152,10 @@ class Manifest:
         for req in ("vision", "embed", "head"):
             if req not in self.parts:
                 raise KeyError(f"parts/{req}")
-        bounds = [0, *self.candidates, self.num_layers]
+        bounds = [0, *self.boundaries, self.num_layers]
         got = [self.parts[n].layers for n in self.data["segments"]]
         if got != list(zip(bounds[:-1], bounds[1:])):
-            raise ValueError(f"segments {got} do not match candidates {self.candidates}")
+            raise ValueError(f"segments {got} do not match the boundaries {self.boundaries}")
         for rel in self.data["files"]:
             self.path(rel)
 

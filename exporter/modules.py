@@ -11,7 +11,12 @@ A decoder segment runs layers [start, end) of the text model on any token sequen
 text-only, prefill or decode) with an explicit KV cache:
 
     hidden_states [B,S,D], position_ids [B,S], attention_mask [B,P+S], past.{i}.key/value [B,Hkv,P,hd]
-    -> hidden_states_out [B,S,D], present.{i}.key/value [B,Hkv,P+S,hd]
+    -> hidden_states_out [B,S,D], attention_last [B,P+S] (not in the last segment),
+       present.{i}.key/value [B,Hkv,P+S,hd]
+
+``attention_last``: the attention probabilities the last query gives every key in the segment's
+last layer, averaged over query heads, float32 (FastV's scores for a pruning stage at the segment's
+end layer; 0 at masked keys).
 
 Attention is plain MatMul/Softmax (no If/Loop, no ONNX Attention op); the causal part of the
 mask is built inside from P = T - S; position math (RoPE frequencies, cos/sin and the rotation),
@@ -115,8 +120,9 @@ class Attention(nn.Module):
         v = v.reshape(B, S, hkv, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, key, value, bias):
-        """q [B,H,S,hd] over key/value [B,Hkv,T,hd] with bias [B,1,1,S,T] -> [B,S,D]."""
+    def attend(self, q, key, value, bias, last: bool = False):
+        """q [B,H,S,hd] over key/value [B,Hkv,T,hd] with bias [B,1,1,S,T] -> [B,S,D] (and, with
+        ``last``, the last query's attention probabilities averaged over heads [B,T] float32)."""
         B, h, S, hd = q.shape
         hkv = self.num_kv_heads
         T, g = key.shape[2], h // hkv
@@ -124,17 +130,32 @@ class Attention(nn.Module):
         qg = q.reshape(B, hkv, g * S, hd)  # head j*g+i -> group j
         scores = torch.matmul(qg, key.transpose(2, 3)) * self.scaling  # [B,Hkv,g*S,T]
         scores = scores.view(B, hkv, g, S, T).float() + bias  # [B,Hkv,g,S,T] float32
-        probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, hkv, g * S, T)
+        probs32 = torch.softmax(scores, dim=-1)
+        probs = probs32.to(value.dtype).view(B, hkv, g * S, T)
         out = torch.matmul(probs, value)  # [B,Hkv,g*S,hd]
-        out = out.view(B, h, S, hd).transpose(1, 2).reshape(B, S, h * hd)
-        return self.o_proj(out)
+        out = self.o_proj(out.view(B, h, S, hd).transpose(1, 2).reshape(B, S, h * hd))
+        if not last:
+            return out
+        return out, probs32[:, :, :, -1].mean(dim=(1, 2))  # [B,T]
 
-    def forward(self, x, cos, sin, bias, past_key, past_value):
+    def last_attention(self, q, key, allowed_last):
+        """The last query's attention probabilities averaged over heads, [B,T] float32, from q
+        [B,H,S,hd], key [B,Hkv,T,hd] and the keys it may see, allowed_last [B,T] (bool): the
+        same numbers :meth:`attend` returns, for the fused path (whose kernel keeps no probabilities)."""
+        B, h, S, hd = q.shape
+        hkv, T = self.num_kv_heads, key.shape[2]
+        qg = q[:, :, -1:].reshape(B, hkv, h // hkv, hd)  # [B,Hkv,g,hd]
+        scores = torch.matmul(qg, key.transpose(2, 3)).float() * self.scaling  # [B,Hkv,g,T]
+        scores = scores.masked_fill(~allowed_last[:, None, None], torch.finfo(torch.float32).min)
+        return torch.softmax(scores, dim=-1).mean(dim=(1, 2))
+
+    def forward(self, x, cos, sin, bias, past_key, past_value, last: bool = False):
         # x: [B,S,D]; cos/sin: [B,1,S,hd]; bias: [B,1,1,S,T] float32; past: [B,Hkv,P,hd]
         q, k, v = self.project(x, cos, sin)
         key = torch.cat([past_key, k], dim=2)  # [B,Hkv,T,hd]
         value = torch.cat([past_value, v], dim=2)
-        return self.attend(q, key, value, bias), key, value
+        out = self.attend(q, key, value, bias, last)
+        return (*out, key, value) if last else (out, key, value)
 
     def attend_fused(self, q, key, value, allowed):
         """q [B,H,S,hd] over key/value [B,Hkv,T,hd] where allowed [B,S,T] (bool) -> [B,S,D].
@@ -152,15 +173,17 @@ class Attention(nn.Module):
         out = out.view(B, h, S, hd).transpose(1, 2).reshape(B, S, h * hd)  # [B,S,H*hd]
         return self.o_proj(out)
 
-    def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None):
+    def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None, last: bool = False):
         """Like forward, with preallocated caches [B,Hkv,C,hd] written in place at ``index`` [S]
         and fused attention; attends over the first ``length`` slots (None: all C, the unused
-        ones excluded by ``allowed`` [B,S,length or C])."""
+        ones excluded by ``allowed`` [B,S,length or C]). ``last``: also the last query's head-mean
+        attention [B,length or C] (see :meth:`last_attention`)."""
         q, k, v = self.project(x, cos, sin)
         cache_key.index_copy_(2, index, k)
         cache_value.index_copy_(2, index, v)
         key, value = (cache_key, cache_value) if length is None else (cache_key[:, :, :length], cache_value[:, :, :length])
-        return self.attend_fused(q, key, value, allowed)
+        out = self.attend_fused(q, key, value, allowed)
+        return (out, self.last_attention(q, key, allowed[:, -1])) if last else out
 
 
 class MLP(nn.Module):
@@ -199,16 +222,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, bias, past_key, past_value):
-        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_key, past_value)
+    def forward(self, x, cos, sin, bias, past_key, past_value, last: bool = False):
+        """-> (x, key, value), or (x, last-query attention [B,T], key, value) with ``last``."""
+        out = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_key, past_value, last)
+        x = x + out[0]
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, *out[1:])
+
+    def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None, last: bool = False):
+        out = self.self_attn.forward_static(self.input_layernorm(x), cos, sin, allowed, cache_key, cache_value, index,
+                                            length, last)
+        attn, scores = out if last else (out, None)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, key, value
-
-    def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None):
-        x = x + self.self_attn.forward_static(self.input_layernorm(x), cos, sin, allowed, cache_key, cache_value, index,
-                                              length)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return (x, scores) if last else x
 
 
 def attention_allowed(attention_mask: torch.Tensor, query_len, start=None, self_always: bool = False) -> torch.Tensor:
@@ -280,31 +307,47 @@ class DecoderSegment(Float32Frequencies):
         scale = self.spec.attention_scaling
         return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]
 
+    @property
+    def scores(self) -> bool:
+        """Whether the segment returns ``attention_last`` (the FastV scores of a stage at its end
+        layer): every segment but the last."""
+        return self.end < self.spec.num_layers
+
     def forward(self, hidden_states, position_ids, attention_mask, *past):
         cos, sin = self.rope(position_ids)
         bias = attention_bias(attention_mask, hidden_states.shape[1])
-        x, present = hidden_states, []
+        x, present, n = hidden_states, [], len(self.layers)
+        scores = []
         for i, layer in enumerate(self.layers.values()):
-            x, key, value = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
-            present += [key, value]
-        return (x, *present)
+            last = self.scores and i == n - 1
+            x, *out = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1], last)
+            scores += out[:-2]
+            present += out[-2:]
+        return (x, *scores, *present)
 
-    def forward_static(self, hidden_states, position_ids, attention_mask, caches, start, length=None):
+    def forward_static(self, hidden_states, position_ids, attention_mask, caches, start, length=None,
+                       scores: bool = False, keys: dict | None = None, data: dict | None = None):
         """The same computation on preallocated caches (torch backend, CUDA graphs).
 
         attention_mask [B,C] covers every cache slot; caches: [(key, value)] per layer, each
         [B,Hkv,C,hd]; the S new tokens are written at slots start..start+S-1 (``start`` an int64
         tensor); attention spans the first ``length`` slots (None: all, unused ones masked).
+        ``scores``: also return ``attention_last`` [B,length or C]. ``keys`` (key-side inputs per
+        slot, [B,C]) and ``data`` (token-aligned inputs, [B,S,...]) are the graph's other inputs;
+        this decoder layout takes none.
         """
         S = hidden_states.shape[1]
         index = start + torch.arange(S, device=hidden_states.device)  # [S]
         mask = attention_mask if length is None else attention_mask[:, :length]
         cos, sin = self.rope(position_ids)
         allowed = attention_allowed(mask, S, start, self_always=True)  # [B,S,T]
-        x = hidden_states
-        for layer, (key, value) in zip(self.layers.values(), caches):
-            x = layer.forward_static(x, cos, sin, allowed, key, value, index, length)
-        return x
+        x, n, last_attn = hidden_states, len(caches), None
+        for i, (layer, (key, value)) in enumerate(zip(self.layers.values(), caches)):
+            if scores and i == n - 1:
+                x, last_attn = layer.forward_static(x, cos, sin, allowed, key, value, index, length, True)
+            else:
+                x = layer.forward_static(x, cos, sin, allowed, key, value, index, length)
+        return (x, last_attn) if scores else x
 
 
 class Embed(nn.Module):

@@ -58,6 +58,8 @@ def segment_io(spec: TextSpec, start: int, end: int, dtype: str):
         TensorSpec("attention_mask", ["batch", "total"], "int64"),
     ]
     outputs = [TensorSpec("hidden_states_out", ["batch", "seq", d], dtype)]
+    if end < spec.num_layers:  # FastV scores for a pruning stage at layer `end` (modules.DecoderSegment)
+        outputs.append(TensorSpec("attention_last", ["batch", "total"], "float32"))
     for i in range(start, end):
         for kind in ("key", "value"):
             inputs.append(TensorSpec(f"past.{i}.{kind}", ["batch", hkv, "past", hd], dtype))

@@ -51,7 +51,9 @@ class _ListCache:
 
 
 def hf_segment(layers: dict, rotary_emb, hidden, position_ids, attention_mask, past):
-    """HF decoder layers {index: layer} with a key-padding + causal mask and a list cache."""
+    """HF decoder layers {index: layer} with a key-padding + causal mask and a list cache ->
+    (hidden, present, the last query's head-mean attention probabilities [B,T] in the last layer,
+    from HF's own eager attention weights)."""
     B, S, _ = hidden.shape
     T = attention_mask.shape[1]
     q = torch.arange(S) + (T - S)
@@ -60,11 +62,17 @@ def hf_segment(layers: dict, rotary_emb, hidden, position_ids, attention_mask, p
     cos_sin = rotary_emb(hidden, position_ids)
     cache = _ListCache(past)
     x = hidden
-    for i, layer in layers.items():
-        x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                  use_cache=True, position_embeddings=cos_sin)
-        x = x[0] if isinstance(x, tuple) else x
-    return x, cache.present
+    weights = []
+    hook = list(layers.values())[-1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    try:
+        for i, layer in layers.items():
+            x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                      use_cache=True, position_embeddings=cos_sin)
+            x = x[0] if isinstance(x, tuple) else x
+    finally:
+        hook.remove()
+    last = weights[-1][:, :, -1].float().mean(1) if weights and weights[-1] is not None else None  # [B,T]
+    return x, cache.present, last
 
 
 def _f32(module):
@@ -140,18 +148,19 @@ def validate_segment(part, session_run, model, dtype: str, max_position: int) ->
         feeds = {"hidden_states": hidden, "position_ids": pos, "attention_mask": mask}
         for i in range(start, end):
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = past[i]
-        outs = session_run(feeds)
-        ref_h, present = hf_segment(layers, rotary, hidden.float(), pos, mask,
-                                    {i: (k.float(), v.float()) for i, (k, v) in past.items()})
+        outs = dict(zip((t.name for t in part.outputs), session_run(feeds)))
+        ref_h, present, ref_last = hf_segment(layers, rotary, hidden.float(), pos, mask,
+                                              {i: (k.float(), v.float()) for i, (k, v) in past.items()})
         name = f"{part.name} ({case})"
         rows = mask[:, -hidden.shape[1]:].bool()
-        worst = max(worst, compare(name, "hidden_states_out", outs[0], ref_h, dtype, rows))
+        worst = max(worst, compare(name, "hidden_states_out", outs["hidden_states_out"], ref_h, dtype, rows))
         keys = mask.bool()
-        for j, i in enumerate(range(start, end)):
-            for t, kind in enumerate(("key", "value")):
-                ours = outs[1 + 2 * j + t].transpose(1, 2)  # [B,T,Hkv,hd]: the mask selects positions
-                ref = present[i][t].transpose(1, 2)
-                worst = max(worst, compare(name, f"present.{i}.{kind}", ours, ref, dtype, keys))
+        if "attention_last" in outs:
+            worst = max(worst, compare(name, "attention_last", outs["attention_last"], ref_last, dtype, keys))
+        for i in range(start, end):
+            for kind, ref in zip(("key", "value"), present[i]):
+                ours = outs[f"present.{i}.{kind}"].transpose(1, 2)  # [B,T,Hkv,hd]: the mask selects positions
+                worst = max(worst, compare(name, f"present.{i}.{kind}", ours, ref.transpose(1, 2), dtype, keys))
     return worst
 
 

@@ -1,20 +1,32 @@
-"""The DyVTE dispatcher: prefill through the segments with per-sample exits, then decode.
+"""The DyVTE dispatcher: which tokens each layer sees, prefill through the segments, and a decode
+batch that requests join and leave at any step.
 
-Sequences are left-padded so every last prompt token sits at the last position. In each
-segment a batch is split into at most two groups: sequences still carrying their visual tokens
-("full") and sequences that exited ("text", visual positions removed, original position ids
-kept). Each group runs as its own batch with its own KV cache, so an exited sample costs what it
-would cost alone. Decisions are taken once, at prefill; decoding reuses the same groups.
+**Token plan** (:mod:`dyvte.runtime.plan`). Each row carries a :class:`~dyvte.runtime.plan.RowPlan`
+(exit policy, gate threshold, pruning stages). Decisions are taken once, at prefill, at segment
+boundaries: before layer 0 DivPrune and ``layer:0``; at a candidate the exit (fixed, or the gate);
+at a boundary K a FastV stage (scores: the attention the last prompt token gives each key in layer
+K - 1, returned by the segment ending at K). A dropped token leaves the hidden states and the KV
+cache of every later layer; kept tokens keep their order and position ids ([G,S,R], R = 1 for 1-D
+RoPE, 3 for M-RoPE rows t, h, w, handed to the graphs as [G,S] or [3,G,S]).
 
-Position ids are carried as [G,S,R] (R = 1 for 1-D RoPE, 3 for M-RoPE rows t, h, w) from the
-family's :meth:`~dyvte.families.Family.positions`, and handed to a segment in the graph's layout
-([B,S] or [3,B,S]); generated tokens continue at each row's next position (prompt length for 1-D
-RoPE, largest M-RoPE position + 1), exit or not.
+**Prefill** (:class:`Prefill`) advances new rows one segment per :meth:`Prefill.step`, so a
+scheduler can interleave it with decode steps. Sequences are left-padded (every last prompt token
+at the last column). In each segment the rows run in groups of one mode ("full": visual tokens
+still present, "text": none) and similar length (a group's shortest row is at least half its
+longest), each group a batch with its own KV cache, so a row that exited or pruned costs about
+what it would cost alone.
 
-Only rows with visual tokens and at least one text token after them can exit: a prompt without
-an image has nothing to drop, and one that ends with its image has no text for the gate to
-read. Such rows run every layer in the full group (exit layer L, no gate probabilities) under
-every policy.
+**Decode** (:class:`DecodeBatch`): per segment, one lane per mode; a lane holds its rows' caches as
+one left-padded batch (each row right-aligned at the lane's length, key padding masked), so every
+row appends at the same column. Rows join (their prefill caches merged into the lanes) and leave
+(taken out, leading all-padding columns trimmed) between any two steps; each row's answer is what
+it is alone. Generated tokens continue at each row's next position (prompt length for 1-D RoPE,
+largest M-RoPE position + 1), exit or not.
+
+Only rows with visual tokens and at least one text token after them can exit: a prompt without an
+image has nothing to drop, and one that ends with its image gives the gate no text to read. Such
+rows run every layer (exit layer L, no gate probabilities) under every policy; pruning still applies
+to their visual tokens.
 """
 
 from __future__ import annotations
@@ -24,77 +36,109 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .policies import Policy
+from .plan import RowPlan, divprune_keep, fastv_keep
+
+#: Token-aligned tensors every group carries (besides graph-specific ``data``).
+BASE_FIELDS = ("hidden", "positions", "mask", "visual", "text_mask", "token_groups")
+
+#: A prefill group's shortest row is at least this share of its longest (else it gets a group of its own).
+GROUP_MIN_FILL = 0.5
 
 
 @dataclass
 class Group:
-    """Sequences sharing one layout in a segment. Shapes: [G] rows, [G,S(,D)] the rest."""
+    """Rows sharing one layout in a segment. ``rows`` [G] (row index in the prefill batch);
+    ``t``: token-aligned tensors [G,S,...]: ``hidden`` [G,S,D], ``positions`` [G,S,R] int64,
+    ``mask`` [G,S] int64 (0 = left padding), ``visual`` [G,S] bool (visual tokens present),
+    ``text_mask`` [G,S] int64 (the gate's text tokens before the last one), ``token_groups`` [G,S]
+    int64 (image number 1, 2, ... of visual tokens, 0 elsewhere), plus graph inputs such as
+    ``deepstack``."""
 
-    rows: torch.Tensor  # batch indices, int64
-    hidden: torch.Tensor  # [G,S,D]
-    position_ids: torch.Tensor  # [G,S,R] int64 (R rows per token)
-    mask: torch.Tensor  # [G,S] int64, 0 = left padding
-    visual: torch.Tensor  # [G,S] bool, visual positions (all False once exited)
-    text_mask: torch.Tensor  # [G,S] int64, gate features: text tokens before the last one
+    rows: torch.Tensor
+    t: dict
+    mode: str = "full"  # "text": rows that exited (the segment's text-only profile), else "full"
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["t"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.t["mask"].sum(1)
 
     def select(self, keep: torch.Tensor) -> "Group":
-        return Group(self.rows[keep], self.hidden[keep], self.position_ids[keep], self.mask[keep],
-                     self.visual[keep], self.text_mask[keep])
+        """Rows ``keep`` (bool or index [G']), with leading all-padding columns trimmed."""
+        rows = self.rows[keep]
+        t = {k: v[keep] for k, v in self.t.items()}
+        width = int(t["mask"].sum(1).max()) if len(rows) else 0
+        return Group(rows, {k: v[:, v.shape[1] - width:] for k, v in t.items()}, self.mode)
 
 
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     pad = length - t.shape[1]
     if pad == 0:
         return t
-    shape = (t.shape[0], pad, *t.shape[2:])
-    return torch.cat([t.new_zeros(shape), t], dim=1)
+    return torch.cat([t.new_zeros((t.shape[0], pad, *t.shape[2:])), t], dim=1)
 
 
-def merge(a: Group | None, b: Group) -> Group:
-    """Concatenate two groups along the batch, re-padding to the longer sequence."""
-    if a is None:
-        return b
-    S = max(a.hidden.shape[1], b.hidden.shape[1])
-    cat = lambda x, y: torch.cat([_pad_left(x, S), _pad_left(y, S)], dim=0)  # noqa: E731
-    return Group(torch.cat([a.rows, b.rows]), cat(a.hidden, b.hidden), cat(a.position_ids, b.position_ids),
-                 cat(a.mask, b.mask), cat(a.visual, b.visual), cat(a.text_mask, b.text_mask))
+def concat(groups: list[Group]) -> Group:
+    """Groups stacked along the batch, re-padded on the left to the longest."""
+    if len(groups) == 1:
+        return groups[0]
+    S = max(g.t["mask"].shape[1] for g in groups)
+    return Group(torch.cat([g.rows for g in groups]),
+                 {k: torch.cat([_pad_left(g.t[k], S) for g in groups]) for k in groups[0].t}, groups[0].mode)
 
 
-def drop_visual(g: Group) -> Group:
-    """Remove every visual position (the exit), keep position ids, re-pad on the left."""
-    keep = g.mask.bool() & ~g.visual  # [G,S]
+def compact(g: Group, keep: torch.Tensor) -> Group:
+    """Keep the tokens where ``keep`` [G,S] (bool) and the mask are set, in order, re-padded on the left."""
+    keep = keep & g.t["mask"].bool()
     n = keep.sum(1)  # [G]
-    S = int(n.max())
+    S = int(n.max()) if len(n) else 0
     slot = keep.long().cumsum(1) - 1 + (S - n)[:, None]  # target column of each kept token
     row = torch.arange(len(n), device=keep.device)[:, None].expand_as(keep)
     r, c = row[keep], slot[keep]
 
-    def move(x, fill=0):
-        out = x.new_full((len(n), S, *x.shape[2:]), fill)
+    def move(x):
+        out = x.new_zeros((len(n), S, *x.shape[2:]))
         out[r, c] = x[keep]
         return out
 
-    mask = torch.zeros(len(n), S, dtype=g.mask.dtype, device=keep.device)
+    t = {k: move(v) for k, v in g.t.items() if k != "mask"}
+    mask = torch.zeros(len(n), S, dtype=g.t["mask"].dtype, device=keep.device)
     mask[r, c] = 1
-    return Group(g.rows, move(g.hidden), move(g.position_ids), mask, torch.zeros_like(mask, dtype=torch.bool),
-                 move(g.text_mask))
+    t["mask"] = mask
+    return Group(g.rows, t, g.mode)
 
 
-@dataclass
-class SegmentGroup:
-    """A group's KV cache in one segment and its key-padding mask (prefill mask, then ones)."""
-
-    rows: torch.Tensor
-    cache: object
-    mask: torch.Tensor  # [G, prefill_len + max_new] int64
-    whole: bool  # rows == arange(B): no gather/scatter needed
+def partition(groups: list[Group], exited) -> list[Group]:
+    """Re-form groups: one mode each ("text" for the rows in ``exited``, else "full") and similar
+    lengths (see :data:`GROUP_MIN_FILL`); returns ``groups`` itself when nothing changes."""
+    rows = concat(groups)
+    lengths = rows.lengths.tolist()
+    ids = rows.rows.tolist()
+    out = []
+    for mode in ("full", "text"):
+        idx = sorted((i for i in range(len(ids)) if (ids[i] in exited) == (mode == "text")), key=lambda i: -lengths[i])
+        while idx:
+            top = lengths[idx[0]]
+            take = [i for i in idx if lengths[i] >= GROUP_MIN_FILL * top]
+            idx = [i for i in idx if lengths[i] < GROUP_MIN_FILL * top]
+            g = rows.select(torch.tensor(sorted(take), device=rows.rows.device))
+            g.mode = mode
+            out.append(g)
+    if len(out) == len(groups) and all(a.mode == b.mode and a.rows.tolist() == b.rows.tolist()
+                                       for a, b in zip(out, groups)):
+        return groups  # unchanged: keep the original tensors
+    return out
 
 
 @dataclass
 class Batch:
-    """Left-padded prompts. ids/mask/visual/text_mask: [B,T]; positions [B,T,R]; lengths,
-    next_positions, exitable [B]."""
+    """Left-padded prompts. ids/mask/visual/text_mask/token_groups: [B,T]; positions [B,T,R];
+    lengths, next_positions, exitable [B]."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -105,22 +149,14 @@ class Batch:
     exitable: torch.Tensor  # bool: visual tokens with text after them (see module docstring)
     positions: torch.Tensor = None  # [B,T,R] int64 position ids (0 at left padding)
     next_positions: torch.Tensor = None  # [B] position of each row's first generated token
-
-
-@dataclass
-class Generation:
-    tokens: list  # per sample: list[int]
-    logits: list  # per sample: [n, V] float32 tensor (when requested)
-    exit_layers: list
-    gate_probs: list  # per sample: {layer: p_exit}
-    finish: list  # "eos" | "length" | "stop"
-    timings: dict = field(default_factory=dict)
+    token_groups: torch.Tensor = None  # [B,T] int64 image number of each visual token, 0 elsewhere
 
 
 def make_batch(prompts: list[torch.Tensor], visions: list, image_token_id: int, device, family=None,
                meta: dict | None = None) -> Batch:
-    """Left-pad 1-D id tensors; mark visual positions and the gate's text tokens; each row's
-    position ids from ``family`` (default: 1-D RoPE, 0..len-1)."""
+    """Left-pad 1-D id tensors; mark visual positions, the gate's text tokens and each image's
+    tokens (a run of visual tokens is one image); each row's position ids from ``family``
+    (default: 1-D RoPE, 0..len-1)."""
     from dyvte.families import Family
 
     family = family or Family()
@@ -137,17 +173,20 @@ def make_batch(prompts: list[torch.Tensor], visions: list, image_token_id: int, 
         positions[i, T - len(pos):] = pos
     next_positions = torch.tensor([n for _, n in rows], dtype=torch.int64)
     visual = (ids == image_token_id) & mask.bool()
+    starts = visual & ~torch.cat([torch.zeros(B, 1, dtype=torch.bool), visual[:, :-1]], 1)  # first token of a run
+    token_groups = starts.long().cumsum(1) * visual
     cols = torch.arange(T)
     last_visual = torch.where(visual, cols, -1).max(1).values  # [B], -1 without image
     text_mask = ((cols[None] > last_visual[:, None]) & (cols[None] < T - 1) & mask.bool()).long()
     exitable = (last_visual >= 0) & (last_visual < T - 1)  # [B]: an image, and text after it
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
     return Batch(ids.to(device), mask.to(device), visual.to(device), text_mask.to(device), lengths.to(device),
-                 list(visions), exitable.to(device), positions.to(device), next_positions.to(device))
+                 list(visions), exitable.to(device), positions.to(device), next_positions.to(device),
+                 token_groups.to(device))
 
 
 class Dispatcher:
-    """Runs one engine folder's parts through a :class:`Runner` with DyVTE exits."""
+    """Runs one engine folder's parts through a :class:`Runner` with DyVTE exits and pruning."""
 
     def __init__(self, runner, manifest):
         from dyvte.families import family_named
@@ -157,6 +196,16 @@ class Dispatcher:
         self.gate_index = {k: i for i, k in enumerate(manifest.gate_layers)}
         self.family = family_named(manifest.model["family"])
         self._extras = None
+        std = {"hidden_states", "position_ids", "attention_mask"}
+        #: per segment: key-side inputs its graph takes besides the key padding (``key_positions``,
+        #: ``token_groups``) and token-aligned data inputs {name: (trailing shape, dtype)}
+        self.key_inputs, self.data_inputs = [], []
+        for p in manifest.segments:
+            names = [i for i in p.inputs if i["name"] not in std and not i["name"].startswith("past.")]
+            self.key_inputs.append([i["name"] for i in names if i["name"] in ("key_positions", "token_groups")])
+            self.data_inputs.append({i["name"]: (tuple(i["shape"][2:]), i["dtype"]) for i in names
+                                     if i["name"] not in ("key_positions", "token_groups")})
+        self.wants_keys = any(self.key_inputs)
 
     def extras(self) -> dict:
         """The family's packing tensors from the folder (e.g. LLaVA-NeXT's image_newline), on the device."""
@@ -170,168 +219,341 @@ class Dispatcher:
         return self._extras
 
     def visual_features(self, visions: list):
-        """Features [n,D] of every row's visual tokens, in prompt order: the family's vision calls
-        for the batch's images (LLaVA-style: one call with every tile; Qwen-VL: one per image),
-        then each row's packing."""
+        """Features of every row's visual tokens, in prompt order: [n,D], or a dict with ``features``
+        [n,D] and token-aligned graph inputs (e.g. ``deepstack``) for families that have them. The
+        family's vision calls for the batch's images (LLaVA-style: one call with every tile; Qwen-VL:
+        one per image), then each row's packing."""
         visions = [v for v in visions if v is not None]
         meta, extras = self.manifest.model["vision"], self.extras()
         outputs = [self.runner.vision(feeds) for feeds in self.family.vision_calls(meta, visions)]
-        return torch.cat(self.family.unpack(meta, outputs, visions, extras))
+        packed = self.family.unpack(meta, outputs, visions, extras)
+        if isinstance(packed[0], dict):
+            return {k: torch.cat([p[k] for p in packed]) for k in packed[0]}
+        return torch.cat(packed)
 
     def graph_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids [G,S,R] -> the segment graph's layout: [G,S] (1-D RoPE) or [R,G,S]."""
         return positions[..., 0] if positions.shape[-1] == 1 else positions.permute(2, 0, 1)
 
-    # -- prefill -----------------------------------------------------------------------------
-    def _exits(self, boundary: int, g: Group, exitable: torch.Tensor, policy: Policy, threshold: float,
-               probs_out: list):
-        """Which rows of ``g`` drop their visual tokens before layer ``boundary`` (bool [G]).
-        ``exitable`` [G]: rows that can exit at all; the gate reads only those."""
-        if not bool(exitable.any()):
-            return None
-        if policy.gated:
-            if boundary not in self.gate_index:
-                return None
-            sub = g if bool(exitable.all()) else g.select(exitable)
-            probs = self.runner.gate(sub.hidden, sub.text_mask, self.gate_index[boundary])[:, 1].float()
-            for row, p in zip(sub.rows.tolist(), probs.tolist()):
-                probs_out[row][boundary] = p
-            leave = torch.zeros_like(exitable)
-            leave[exitable] = probs.to(leave.device) > threshold
-            return leave
-        if policy.fixed_exit(boundary):
-            return exitable
-        return None
+    def run_segment(self, j: int, hidden, positions, mask, cache, mode: str, keys: dict | None = None,
+                    data: dict | None = None, scores: bool = False):
+        """One call of segment ``j``: ``keys`` {name: [G,T]} and ``data`` {name: [G,S,...]} are passed
+        where the graph takes them (absent data inputs are zeros: decode tokens are never visual)."""
+        extra = {k: keys[k] for k in self.key_inputs[j]} if self.key_inputs[j] else {}
+        for name, (shape, dtype) in self.data_inputs[j].items():
+            given = (data or {}).get(name)
+            if given is None:
+                given = torch.zeros(*hidden.shape[:2], *shape, dtype=getattr(torch, dtype), device=hidden.device)
+            extra[name] = given
+        return self.runner.segment(j, hidden, self.graph_positions(positions), mask, cache, mode, extra=extra or None,
+                                   scores=scores)
 
-    def prefill(self, batch: Batch, policy: Policy, threshold: float, max_new: int):
-        runner, B = self.runner, batch.ids.shape[0]
-        runner.begin_request()  # caches of earlier requests may be reused from here on
-        L = self.manifest.num_layers
-        dev = batch.ids.device
-        exit_layers = [L] * B
-        probs = [{} for _ in range(B)]
+    def prefill(self, batch: Batch, plans: list[RowPlan], max_new: list[int]) -> "Prefill":
+        """A :class:`Prefill` of ``batch`` (not started)."""
+        return Prefill(self, batch, plans, max_new)
+
+
+@dataclass
+class CacheEntry:
+    """One prefill group's cache in one segment: rows (prefill-batch indices), the runner cache,
+    key padding [G,S] and, where a graph takes them, key positions / token groups [G,S]."""
+
+    rows: list
+    mode: str
+    cache: object
+    mask: torch.Tensor
+    keys: dict
+
+
+class Prefill:
+    """New rows on their way through the segments, one segment per :meth:`step`.
+
+    After the last step: ``last`` [B,1,D] (every row's last prompt token), ``entries`` (per segment,
+    the :class:`CacheEntry` of each group), ``exit_layers``, ``gate_probs`` [{layer: p_exit}],
+    ``tokens`` (per row, tokens present in each segment) and ``vision_s``.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, batch: Batch, plans: list[RowPlan], max_new: list[int]):
+        self.d, self.batch, self.plans, self.max_new = dispatcher, batch, list(plans), list(max_new)
+        B = batch.ids.shape[0]
+        self.L = dispatcher.manifest.num_layers
+        self.exit_layers = [self.L] * B
+        self.exited = [False] * B
+        self.gate_probs = [{} for _ in range(B)]
+        self.tokens = [[] for _ in range(B)]  # per row: tokens present in each segment
+        self.entries: list[list[CacheEntry]] = []
+        self.groups: list[Group] | None = None
+        self.scores: dict = {}  # row -> [S] FastV scores of the keys of its group (last segment's output)
+        self.j = 0
+        self.vision_s = 0.0
+        self.last = None
+
+    @property
+    def done(self) -> bool:
+        return self.last is not None
+
+    def next_cost(self) -> int:
+        """Work of the next :meth:`step` in token-layers (rows x padded tokens x layers)."""
+        if self.done:
+            return 0
+        a, b = self.d.segments[self.j]
+        if self.groups is None:
+            return int(self.batch.mask.numel()) * (b - a)
+        return sum(int(g.t["mask"].numel()) for g in self.groups) * (b - a)
+
+    # -- boundaries ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Embeddings, vision, and the decisions before layer 0 (DivPrune, layer:0)."""
+        d, batch, runner = self.d, self.batch, self.d.runner
+        B = batch.ids.shape[0]
         ids = batch.ids.masked_fill(batch.visual, 0)  # image placeholders may lie outside the vocabulary
         hidden = runner.embed(ids)  # [B,T,D]
         t0 = time.perf_counter()
-        skip_vision = policy.layer == 0 and bool(batch.exitable[batch.visual.any(1)].all())  # all dropped at 0
-        if batch.visual.any() and not skip_vision:
-            hidden[batch.visual] = self.visual_features(batch.visions).to(hidden.dtype)
+        has_image = batch.visual.any(1)
+        zero_exit = torch.tensor([self.plans[i].exits_at(0) for i in range(B)], device=has_image.device)
+        zero_exit &= batch.exitable
+        data = {}
+        if bool((has_image & ~zero_exit).any()):  # vision is skipped only when every image is dropped at 0
+            feats = d.visual_features(batch.visions)
+            if isinstance(feats, dict):
+                for name, value in feats.items():
+                    if name != "features":
+                        data[name] = hidden.new_zeros((*batch.visual.shape, *value.shape[1:]), dtype=value.dtype)
+                        data[name][batch.visual] = value.to(data[name].device)
+                feats = feats["features"]
+            hidden[batch.visual] = feats.to(hidden.dtype)
         runner.synchronize()
-        vision_s = time.perf_counter() - t0
-        full = Group(torch.arange(B, device=dev), hidden, batch.positions, batch.mask, batch.visual, batch.text_mask)
-        text = None
-        state = []
-        for j, (a, b) in enumerate(self.segments):
-            if full is not None:
-                leave = self._exits(a, full, batch.exitable[full.rows], policy, threshold, probs)
-                if leave is not None and bool(leave.any()):
-                    for r in full.rows[leave].tolist():
-                        exit_layers[r] = a
-                    text = merge(text, drop_visual(full.select(leave)))
-                    full = None if bool(leave.all()) else full.select(~leave)
-            groups = []
-            for g, mode in ((full, "full"), (text, "text")):
-                if g is None:
-                    continue
-                G, S = g.mask.shape
-                cache = runner.new_cache(j, G, S + max_new, mode)
-                g.hidden = runner.segment(j, g.hidden, self.graph_positions(g.position_ids), g.mask, cache, mode)
-                mask = torch.ones(G, S + max_new, dtype=torch.int64, device=dev)
-                mask[:, :S] = g.mask
-                whole = G == B and bool((g.rows == torch.arange(B, device=dev)).all())
-                groups.append(SegmentGroup(g.rows, cache, mask, whole))
-            state.append(groups)
-        last = hidden.new_empty(B, 1, hidden.shape[-1])
-        for g in (full, text):
-            if g is not None:
-                last[g.rows] = g.hidden[:, -1:]
-        return last, state, exit_layers, probs, vision_s
+        self.vision_s = time.perf_counter() - t0
+        t = {"hidden": hidden, "positions": batch.positions, "mask": batch.mask, "visual": batch.visual,
+             "text_mask": batch.text_mask, "token_groups": batch.token_groups, **data}
+        g = Group(torch.arange(B, device=batch.ids.device), t)
+        keep = torch.ones_like(batch.visual)
+        for i in range(B):
+            if bool(zero_exit[i]):
+                keep[i] = ~batch.visual[i]
+                self.exit_layers[i], self.exited[i] = 0, True
+            elif self.plans[i].prune is not None and self.plans[i].prune.divprune is not None and bool(has_image[i]):
+                vis = batch.visual[i]
+                keep[i, vis] = divprune_keep(hidden[i, vis].float(), self.plans[i].prune.divprune)
+        changed = bool((~keep & batch.visual).any())
+        self.groups = partition([compact(g, keep) if changed else g], self._exited_rows())
 
-    # -- decode ------------------------------------------------------------------------------
-    def decode_step(self, hidden, positions, state):
-        """One token per sequence through every segment. hidden [B,1,D], positions [B,1,R]."""
-        runner = self.runner
-        for j, groups in enumerate(state):
-            if len(groups) == 1 and groups[0].whole:
-                g = groups[0]
-                hidden = runner.segment(j, hidden, self.graph_positions(positions), g.mask[:, : g.cache.length + 1],
-                                        g.cache, "decode")
+    def _boundary(self, a: int) -> None:
+        """Exits and FastV stages at boundary ``a`` (> 0) for every group."""
+        new, changed = [], False
+        for g in self.groups:
+            rows = g.rows.tolist()
+            keep = torch.ones_like(g.t["visual"])
+            leave = self._exits(a, g)
+            for i, r in enumerate(rows):
+                if leave[i]:
+                    keep[i] = ~g.t["visual"][i]
+                    self.exit_layers[r], self.exited[r] = a, True
+                    continue
+                plan = self.plans[r]
+                share = plan.prune.fastv_at(a) if plan.prune is not None and not self.exited[r] else None
+                vis = g.t["visual"][i]
+                if share is not None and bool(vis.any()):
+                    keep[i, vis] = fastv_keep(self.scores[r][vis], share)
+            if bool((~keep & g.t["visual"]).any()):
+                g, changed = compact(g, keep), True
+            new.append(g)
+        self.scores = {}
+        self.groups = partition(new, self._exited_rows()) if changed else new
+
+    def _exited_rows(self) -> set:
+        return {r for r, e in enumerate(self.exited) if e}
+
+    def _exits(self, a: int, g: Group) -> list[bool]:
+        """Which rows of ``g`` drop every visual token before layer ``a`` (gates asked once, batched)."""
+        d = self.d
+        rows = g.rows.tolist()
+        exitable = self.batch.exitable[g.rows].tolist()
+        leave = [False] * len(rows)
+        asked = []
+        for i, r in enumerate(rows):
+            if self.exited[r] or not exitable[i]:
                 continue
-            out = torch.empty_like(hidden)
-            for g in groups:
-                mask = g.mask[:, : g.cache.length + 1]
-                pos = self.graph_positions(positions[g.rows])
-                out[g.rows] = runner.segment(j, hidden[g.rows], pos, mask, g.cache, "decode").to(out.dtype)
+            plan = self.plans[r]
+            if plan.policy.gated:
+                if a in d.gate_index:
+                    asked.append(i)
+            elif plan.exits_at(a):
+                leave[i] = True
+        if asked:
+            sub = g if len(asked) == len(rows) else g.select(torch.tensor(asked, device=g.rows.device))
+            probs = d.runner.gate(sub.hidden, sub.text_mask, d.gate_index[a])[:, 1].float().tolist()
+            for i, p in zip(asked, probs):
+                r = rows[i]
+                self.gate_probs[r][a] = p
+                leave[i] = p > self.plans[r].threshold
+        return leave
+
+    # -- segments ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Decisions at the next segment's start, then that segment for every group."""
+        d, runner = self.d, self.d.runner
+        j = self.j
+        a, b = d.segments[j]
+        if self.groups is None:
+            self._start()
+        elif a > 0:
+            self._boundary(a)
+        wants_scores = {r for r, plan in enumerate(self.plans)
+                        if plan.prune is not None and b in plan.prune.score_layers and not self.exited[r]}
+        entries = []
+        for g in self.groups:
+            G, S = g.t["mask"].shape
+            rows = g.rows.tolist()
+            capacity = S + max(self.max_new[r] for r in rows)
+            cache = runner.new_cache(j, G, capacity, g.mode)
+            keys = _key_inputs(g) if d.wants_keys else {}
+            data = {k: v for k, v in g.t.items() if k not in BASE_FIELDS}
+            want = bool(wants_scores.intersection(rows))
+            out = d.run_segment(j, g.t["hidden"], g.t["positions"], g.t["mask"], cache, g.mode, keys, data, want)
+            hidden, scores = out if want else (out, None)
+            g.t["hidden"] = hidden
+            if want:
+                for i, r in enumerate(rows):
+                    self.scores[r] = scores[i].float()
+            for r, n in zip(rows, g.lengths.tolist()):
+                self.tokens[r].append(n)
+            entries.append(CacheEntry(rows, g.mode, cache, g.t["mask"], keys))
+        self.entries.append(entries)
+        self.j += 1
+        if self.j == len(d.segments):
+            B = self.batch.ids.shape[0]
+            last = self.groups[0].t["hidden"].new_empty(B, 1, self.groups[0].t["hidden"].shape[-1])
+            for g in self.groups:
+                last[g.rows] = g.t["hidden"][:, -1:]
+            self.last = last
+            self.groups = None
+
+    def run(self) -> "Prefill":
+        while not self.done:
+            self.step()
+        return self
+
+
+def _key_inputs(g: Group) -> dict:
+    """Key-side mask inputs of a prefill group: 1-D key positions and token groups [G,S]."""
+    return {"key_positions": g.t["positions"][..., 0], "token_groups": g.t["token_groups"]}
+
+
+@dataclass
+class Lane:
+    """One segment's cache of decoding rows of one mode: ``slots`` (row ids in lane order), the
+    runner cache (every row right-aligned at ``cache.length``), key padding [G,P] and key inputs."""
+
+    mode: str
+    slots: list
+    cache: object
+    mask: torch.Tensor
+    keys: dict = field(default_factory=dict)
+
+
+class DecodeBatch:
+    """The rows being decoded, with their caches in per-segment lanes; rows join after their
+    prefill and leave at any step (see module docstring)."""
+
+    def __init__(self, dispatcher: Dispatcher):
+        self.d = dispatcher
+        self.lanes: list[list[Lane]] = [[] for _ in dispatcher.segments]
+        self.slots: list = []  # row ids in the order of step()'s rows
+        self.remaining: dict = {}  # row id -> tokens it may still decode (cache capacity)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def join(self, prefill: Prefill, slots: list, remaining: list[int]) -> None:
+        """Add a finished prefill's rows (prefill row i becomes row id ``slots[i]``), each able to
+        decode ``remaining[i]`` more tokens."""
+        runner = self.d.runner
+        for s, n in zip(slots, remaining):
+            self.remaining[s] = int(n)
+        self.slots += list(slots)
+        for j, entries in enumerate(prefill.entries):
+            for e in entries:
+                lane = Lane(e.mode, [slots[r] for r in e.rows], e.cache, e.mask, dict(e.keys))
+                same = [x for x in self.lanes[j] if x.mode == e.mode]
+                if not same:
+                    self.lanes[j].append(lane)
+                    continue
+                old = same[0]
+                merged = self._merge(old, lane)
+                runner.release_cache(old.cache)
+                runner.release_cache(lane.cache)
+                self.lanes[j][self.lanes[j].index(old)] = merged
+
+    def _merge(self, a: Lane, b: Lane) -> Lane:
+        P = max(a.cache.length, b.cache.length)
+        capacity = P + max(self.remaining[s] for s in a.slots + b.slots)
+        cache = self.d.runner.cache_join([a.cache, b.cache], capacity)
+        mask = torch.cat([_pad_left(a.mask, P), _pad_left(b.mask, P)])
+        keys = {k: torch.cat([_pad_left(a.keys[k], P), _pad_left(b.keys[k], P)]) for k in a.keys}
+        return Lane(a.mode, a.slots + b.slots, cache, mask, keys)
+
+    def leave(self, slots) -> None:
+        """Rows ``slots`` leave the batch: their cache rows are freed at once."""
+        gone = set(slots)
+        if not gone.intersection(self.slots):
+            return
+        runner = self.d.runner
+        self.slots = [s for s in self.slots if s not in gone]
+        for s in gone:
+            self.remaining.pop(s, None)
+        for lanes in self.lanes:
+            for k, lane in enumerate(list(lanes)):
+                stay = [i for i, s in enumerate(lane.slots) if s not in gone]
+                if len(stay) == len(lane.slots):
+                    continue
+                if not stay:
+                    runner.release_cache(lane.cache)
+                    lanes.remove(lane)
+                    continue
+                idx = torch.tensor(stay, device=lane.mask.device)
+                mask = lane.mask[idx]
+                start = int((mask.sum(0) > 0).nonzero()[0]) if bool(mask.any()) else mask.shape[1]
+                cache = runner.cache_take(lane.cache, idx, start)
+                runner.release_cache(lane.cache)
+                lanes[lanes.index(lane)] = Lane(lane.mode, [lane.slots[i] for i in stay], cache, mask[:, start:],
+                                                {k: v[idx][:, start:] for k, v in lane.keys.items()})
+
+    def step(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row through every segment: hidden [n,1,D], positions [n,1,R] in the order
+        of :attr:`slots` -> hidden [n,1,D]."""
+        d = self.d
+        order = {s: i for i, s in enumerate(self.slots)}
+        for s in self.slots:
+            self.remaining[s] -= 1
+        for j, lanes in enumerate(self.lanes):
+            out = hidden if len(lanes) == 1 and lanes[0].slots == self.slots else torch.empty_like(hidden)
+            for lane in lanes:
+                whole = lane.slots == self.slots
+                idx = None if whole else torch.tensor([order[s] for s in lane.slots], device=hidden.device)
+                h = hidden if whole else hidden[idx]
+                pos = positions if whole else positions[idx]
+                G = len(lane.slots)
+                lane.mask = torch.cat([lane.mask, lane.mask.new_ones(G, 1)], 1)
+                if lane.keys:
+                    new = {"key_positions": pos[..., 0], "token_groups": torch.zeros_like(pos[..., 0])}
+                    lane.keys = {k: torch.cat([v, new[k].to(v.device)], 1) for k, v in lane.keys.items()}
+                res = d.run_segment(j, h, pos, lane.mask, lane.cache, "decode", lane.keys)
+                if whole:
+                    out = res
+                else:
+                    out[idx] = res.to(out.dtype)
             hidden = out
         return hidden
 
-    @torch.inference_mode()
-    def generate(self, batch: Batch, policy: Policy, threshold: float, max_new: list[int], sampler,
-                 eos_ids: list[int], return_logits: bool, on_step=None) -> Generation:
-        """Prefill, then decode until every row has its ``max_new[row]`` tokens, an EOS, or a stop.
+    def cache_bytes(self) -> int:
+        """Bytes the lanes' caches hold (padding included)."""
+        return sum(self.d.runner.cache_nbytes(lane.cache) for lanes in self.lanes for lane in lanes)
 
-        ``on_step(step, tokens, active)``, if given, is called after every step with the new
-        token of each row (list[int]) and which rows were still generating (list[bool]); it
-        returns the rows to stop after this token (finish reason "stop"), or None.
-        """
-        runner = self.runner
-        B = batch.ids.shape[0]
-        eos_set = set(eos_ids)
-        ends: list = [None] * B  # (tokens generated, finish reason) of finished rows
-
-        def record(step: int, token) -> bool:
-            """Mark rows finished by this step's token; True when all are."""
-            toks = token.tolist()
-            active = [e is None for e in ends]
-            stop = set(on_step(step, toks, active) or ()) if on_step is not None else set()
-            for i in range(B):
-                if ends[i] is None:
-                    n = step + 1
-                    if toks[i] in eos_set:
-                        ends[i] = (n, "eos")
-                    elif i in stop:
-                        ends[i] = (n, "stop")
-                    elif n >= max_new[i]:
-                        ends[i] = (n, "length")
-            return all(e is not None for e in ends)
-
-        runner.synchronize()
-        t0 = time.perf_counter()
-        last, state, exit_layers, probs, vision_s = self.prefill(batch, policy, threshold, max(max_new))
-        logits = runner.head(last)[:, -1].float()  # [B,V]
-        token = sampler(logits)
-        tokens, kept_logits = [token], [logits] if return_logits else []
-        finished = record(0, token)
-        runner.synchronize()
-        t1 = time.perf_counter()
-        step = 1
-        rows = batch.positions.shape[-1]
-        while not finished:
-            # each row's next position (prompt length, or M-RoPE max + 1) + step, exit or not
-            positions = (batch.next_positions + step - 1)[:, None, None].expand(B, 1, rows)  # [B,1,R]
-            hidden = self.decode_step(runner.embed(token[:, None]), positions, state)
-            logits = runner.head(hidden)[:, -1].float()
-            token = sampler(logits)
-            tokens.append(token)
-            if return_logits:
-                kept_logits.append(logits)
-            finished = record(step, token)
-            step += 1
-        runner.synchronize()
-        t2 = time.perf_counter()
-        steps = torch.stack(tokens, 1).cpu()  # [B,n]
-        all_logits = torch.stack(kept_logits, 1).cpu() if return_logits else None
-        out_tokens = [steps[i, :n].tolist() for i, (n, _) in enumerate(ends)]
-        out_logits = [all_logits[i, :n] if return_logits else None for i, (n, _) in enumerate(ends)]
-        decoded = sum(len(t) - 1 for t in out_tokens)
-        timings = {
-            "vision_s": vision_s,
-            "prefill_s": t1 - t0,
-            "decode_s": t2 - t1,
-            "total_s": t2 - t0,
-            "prompt_tokens": int(batch.lengths.sum()),
-            "new_tokens": sum(len(t) for t in out_tokens),
-            "prefill_tokens_per_s": float(batch.lengths.sum()) / max(t1 - t0, 1e-9),
-            "decode_tokens_per_s": decoded / (t2 - t1) if decoded and t2 > t1 else 0.0,
-        }
-        return Generation(out_tokens, out_logits, exit_layers, probs, [r for _, r in ends], timings)
+    def close(self) -> None:
+        """Release every cache."""
+        for lanes in self.lanes:
+            for lane in lanes:
+                self.d.runner.release_cache(lane.cache)
+            lanes.clear()
+        self.slots, self.remaining = [], {}

@@ -13,6 +13,7 @@ with several :class:`Request` objects, as ``dyvte serve`` does).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,16 @@ from dyvte.engines.manifest import Manifest
 from dyvte.errors import InputError, MaxTokensError, PromptTooLongError
 from dyvte.settings import DEFAULT_GATE_THRESHOLD, DEFAULT_MAX_NEW_TOKENS_RUN
 
+from .plan import RowPlan
 from .policies import Policy, parse_policy
 from .sampling import SamplingParams
+
+
+def torch_stack_numpy(rows: list):
+    """Per-token logits [V] (torch) -> numpy [n, V]."""
+    import torch
+
+    return torch.stack(rows).numpy()
 
 
 @dataclass
@@ -29,13 +38,17 @@ class Request:
     """One prompt to answer: token ids [T] int64 (torch), its images' pixel values (None without
     images; the shape is the family's, e.g. [N,3,H,W] for LLaVA-1.5), how many tokens to generate
     at most (None: the default), how to sample them, and the other tensors the family's processor
-    returns for the images, under their HF names (``image_sizes``, ...)."""
+    returns for the images, under their HF names (``image_sizes``, ...). ``policy``,
+    ``gate_threshold`` and ``prune`` (a prune spec), when set, override those of the call that runs it."""
 
     input_ids: object
     pixel_values: object = None
     max_new_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     extra: dict = field(default_factory=dict)
+    policy: str | None = None
+    gate_threshold: float | None = None
+    prune: str | None = None
 
     def vision_inputs(self) -> dict | None:
         if self.pixel_values is None:
@@ -43,9 +56,9 @@ class Request:
         return {"pixel_values": self.pixel_values, **self.extra}
 
 
-def _request(ids, vision: dict | None, max_new_tokens, sampling) -> Request:
+def _request(ids, vision: dict | None, max_new_tokens, sampling, prune=None) -> Request:
     vision = dict(vision or {})
-    return Request(ids, vision.pop("pixel_values", None), max_new_tokens, sampling, vision)
+    return Request(ids, vision.pop("pixel_values", None), max_new_tokens, sampling, vision, prune=prune)
 
 
 @dataclass
@@ -59,12 +72,14 @@ class Result:
     logits: object = None  # numpy [n_new, V] or None
     timings: dict = field(default_factory=dict)
     gate_probs: dict = field(default_factory=dict)  # candidate layer -> p(exit), gate policy only
-    finish_reason: str = "length"  # "eos" | "length"
+    finish_reason: str = "length"  # "eos" | "length" | "stop" | "cancelled"
     prompt_tokens: int = 0
     policy: str = ""
     visual_tokens: int = 0  # of the prompt (the family's count for its images)
     image_tiles: int = 0  # tiles the vision part encoded (FLOPs; Qwen-VL: images)
     image_grids: list = field(default_factory=list)  # per image, its size facts for the vision FLOPs (Qwen-VL: t, h, w)
+    prune: str | None = None  # the prune spec applied (None: no pruning)
+    segment_tokens: list = field(default_factory=list)  # tokens present in each segment at prefill (FLOPs)
 
     def to_dict(self) -> dict:
         return {
@@ -76,6 +91,8 @@ class Result:
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
             "visual_tokens": self.visual_tokens,
+            "prune": self.prune,
+            "segment_tokens": self.segment_tokens,
             "timings": self.timings,
         }
 
@@ -135,24 +152,25 @@ class Pipeline:
 
     # -- generation ----------------------------------------------------------------------------
     def encode(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Request:
+               top_p: float = 1.0, seed: int | None = None, prune: str | None = None) -> Request:
         """A :class:`Request` for ``prompt`` about ``image`` (path or PIL image), in the folder's
-        chat template (the processor is not thread-safe, so calls are serialised)."""
+        chat template (the processor is not thread-safe, so calls are serialised); ``prune``: the
+        request's own prune spec (:mod:`dyvte.runtime.plan`)."""
         from .inputs import encode
 
         with self._encode_lock:
             ids, vision = encode(self.processor, image, prompt)
-        return _request(ids, vision, max_new_tokens, SamplingParams(temperature, top_p, seed))
+        return _request(ids, vision, max_new_tokens, SamplingParams(temperature, top_p, seed), prune)
 
     def encode_chat(self, messages: list, max_new_tokens: int | None = None, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int | None = None) -> Request:
+                    top_p: float = 1.0, seed: int | None = None, prune: str | None = None) -> Request:
         """A :class:`Request` for a chat (see :func:`dyvte.runtime.inputs.encode_messages`: roles,
         text and image parts, any number of images) in the folder's chat template."""
         from .inputs import encode_messages
 
         with self._encode_lock:
             ids, vision = encode_messages(self.processor, messages)
-        return _request(ids, vision, max_new_tokens, SamplingParams(temperature, top_p, seed))
+        return _request(ids, vision, max_new_tokens, SamplingParams(temperature, top_p, seed), prune)
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated token ids (special tokens skipped)."""
@@ -163,25 +181,27 @@ class Pipeline:
 
     def generate(self, image, prompt, max_new_tokens: int | None = None, policy: str | None = "auto",
                  gate_threshold: float = DEFAULT_GATE_THRESHOLD, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, return_logits: bool = False):
+                 seed: int | None = None, return_logits: bool = False, prune: str | None = None):
         """Answer ``prompt`` about ``image`` (path or PIL image). Lists of both run as one batch
         and return a list of results; a single pair returns one :class:`Result`.
 
         ``max_new_tokens`` defaults to 64 (or the folder's limit when smaller); ``policy``
-        ``"auto"`` is ``gate`` when the folder has gates, else ``never``.
+        ``"auto"`` is ``gate`` when the folder has gates, else ``never``; ``prune``: a prune spec
+        (``divprune:R``, ``fastv:K:R``, both comma-joined; :mod:`dyvte.runtime.plan`).
         """
         single = not isinstance(prompt, (list, tuple))
         images, prompts = ([image], [prompt]) if single else (list(image), list(prompt))
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
         requests = [self.encode(img, p, max_new_tokens, temperature, top_p, seed) for img, p in zip(images, prompts)]
-        results = self.run(requests, policy, gate_threshold, return_logits)
+        results = self.run(requests, policy, gate_threshold, return_logits, prune=prune)
         return results[0] if single else results
 
     def generate_ids(self, input_ids, pixel_values=None, attention_mask=None,
                      max_new_tokens: int | None = None, policy: str | None = "auto",
                      gate_threshold: float = DEFAULT_GATE_THRESHOLD, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int | None = None, return_logits: bool = False, **processor_outputs):
+                     seed: int | None = None, return_logits: bool = False, prune: str | None = None,
+                     **processor_outputs):
         """Generate from token ids [B,T] int64 and the images' pixel values (numpy or torch; the
         family's processor layout, e.g. [N,3,H,W] float32 for LLaVA-1.5, [patches, C*T*p*p] for
         Qwen-VL), plus the other tensors the family's processor returns under their HF names
@@ -218,20 +238,8 @@ class Pipeline:
         per_prompt = self.family.split(self.vision_meta, inputs, [int((p == image_id).sum()) for p in prompts])
         sampling = SamplingParams(temperature, top_p, seed)
         requests = [_request(p, v, max_new_tokens, sampling) for p, v in zip(prompts, per_prompt)]
-        results = self.run(requests, policy, gate_threshold, return_logits)
+        results = self.run(requests, policy, gate_threshold, return_logits, prune=prune)
         return results[0] if len(results) == 1 else results
-
-    def _check(self, requests: list[Request]) -> tuple[list[int], list]:
-        """Validate a batch against the runner's limits; returns each request's max_new_tokens and
-        its checked images (:class:`dyvte.families.Vision` or None)."""
-        lim = self.runner.limits
-        if not requests:
-            raise InputError("no prompts given")
-        if len(requests) > lim["max_batch"]:
-            raise InputError(f"batch of {len(requests)} exceeds this engine folder's limit of {lim['max_batch']} "
-                             f"(backend {self.backend}); split the batch or re-export/rebuild with --max-batch")
-        checked = [self.check(r, i) for i, r in enumerate(requests)]
-        return [n for n, _ in checked], [v for _, v in checked]
 
     def check(self, r: Request, i: int = 0):
         """Validate one request against the runner's limits and the folder's model: returns its
@@ -279,40 +287,95 @@ class Pipeline:
                              "the folder's processor")
         return n_new, vision
 
-    def run(self, requests: list[Request], policy: str | None = "auto", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
-            return_logits: bool = False, on_step=None) -> list:
-        """Answer several requests as one batch (each sample exits on its own, each request keeps
-        its own token limit and sampling); returns one :class:`Result` per request.
-
-        ``on_step(step, tokens, active)`` is called after every generated token of the batch
-        (see :meth:`Dispatcher.generate`); it may return rows to stop (finish reason "stop").
-        Thread-safe: concurrent calls run one after another.
-        """
-        from .dispatch import make_batch
-        from .sampling import Sampler
+    def plan(self, policy: str | None = "auto", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
+             prune=None) -> RowPlan:
+        """A request's token plan: exit policy, gate threshold and prune spec, checked against the folder."""
+        from .plan import parse_prune
 
         pol = self.policy(policy)
-        if not isinstance(gate_threshold, (int, float)) or not 0.0 <= gate_threshold <= 1.0:  # NaN fails too
+        if isinstance(gate_threshold, bool) or not isinstance(gate_threshold, (int, float)) \
+                or not 0.0 <= gate_threshold <= 1.0:  # NaN fails too
             raise InputError(f"gate_threshold must be in [0, 1] (exit when p(exit) exceeds it), got {gate_threshold}")
+        spec = parse_prune(prune, self.num_layers, set(self.manifest.boundaries))
+        return RowPlan(pol, float(gate_threshold), spec)
+
+    def scheduler(self):
+        """A step-level :class:`~dyvte.runtime.scheduler.Scheduler` over this pipeline's runner (in-flight
+        batching; the caller drives it, holding :attr:`lock` around each step when threads share the pipeline)."""
+        from .scheduler import Scheduler
+
+        m = self.manifest.model
+        return Scheduler(self.dispatcher, m["eos_token_ids"], self.runner.limits["max_batch"], m["image_token_id"],
+                         self.family, self.vision_meta)
+
+    def sequence(self, request: Request, plan: RowPlan, return_logits: bool = False, on_token=None, index: int = 0):
+        """A checked :class:`~dyvte.runtime.scheduler.Sequence` for the scheduler (raises one-line
+        :class:`InputError` for a bad request)."""
+        from .scheduler import Sequence
+
+        n_new, vision = self.check(request, index)
+        if request.policy is not None or request.prune is not None or request.gate_threshold is not None:
+            plan = self.plan(request.policy or plan.policy.name,
+                             plan.threshold if request.gate_threshold is None else request.gate_threshold,
+                             plan.prune if request.prune is None else request.prune)
+        return Sequence(request.input_ids.long(), vision, plan, n_new, request.sampling, return_logits, on_token)
+
+    @property
+    def lock(self):
+        """The lock serialising work on the runner (hold it around each scheduler step)."""
+        return self._lock
+
+    def run(self, requests: list[Request], policy: str | None = "auto", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
+            return_logits: bool = False, on_step=None, prune=None) -> list:
+        """Answer several requests as one batch (each sample exits and prunes on its own, each
+        request keeps its own token limit and sampling; a request's own ``policy``/``prune`` fields
+        override the arguments); returns one :class:`Result` per request.
+
+        ``on_step(step, tokens, active)`` is called after every generated token of the batch with
+        each row's new token (list[int]) and which rows were still generating (list[bool]); it
+        returns the rows to stop after this token (finish reason "stop"), or None. Rows that
+        finish leave the batch at once. Thread-safe: concurrent calls run one after another.
+        """
+        plan = self.plan(policy, gate_threshold, prune)
         with self._lock:
             if self.runner is None:
                 raise InputError("this Pipeline is closed; load the engine folder again")
-            max_new, visions = self._check(requests)
-            runner = self.runner
-            batch = make_batch([r.input_ids.long() for r in requests], visions, self.manifest.model["image_token_id"],
-                               runner.device, self.family, self.vision_meta)
-            sampler = Sampler([r.sampling for r in requests], device=runner.device)
-            gen = self.dispatcher.generate(batch, pol, gate_threshold, max_new, sampler,
-                                           self.manifest.model["eos_token_ids"], return_logits, on_step)
-            results = []
-            for i, toks in enumerate(gen.tokens):
-                text = self.decode(toks)
-                logits = gen.logits[i].numpy() if return_logits else None
-                v = visions[i]
-                results.append(Result(text.strip(), toks, gen.exit_layers[i], logits, dict(gen.timings),
-                                      gen.gate_probs[i], gen.finish[i], len(requests[i].input_ids), pol.name,
-                                      v.tokens if v else 0, v.num_tiles if v else 0, list(v.grids) if v else []))
-        return results
+            lim = self.runner.limits
+            if not requests:
+                raise InputError("no prompts given")
+            if len(requests) > lim["max_batch"]:
+                raise InputError(f"batch of {len(requests)} exceeds this engine folder's limit of {lim['max_batch']} "
+                                 f"(backend {self.backend}); split the batch or re-export/rebuild with --max-batch")
+            seqs = [self.sequence(r, plan, return_logits, index=i) for i, r in enumerate(requests)]
+            sched = self.scheduler()
+            for s in seqs:
+                sched.add(s)
+            step = 0
+            try:
+                while not sched.idle:
+                    before = [len(s.tokens) for s in seqs]
+                    sched.step()
+                    if on_step is not None:
+                        active = [len(s.tokens) > n for s, n in zip(seqs, before)]
+                        toks = [s.tokens[-1] if a else 0 for s, a in zip(seqs, active)]
+                        stop = set(on_step(step, toks, active) or ())
+                        for i in stop:
+                            if active[i] and seqs[i].finish in (None, "length"):
+                                seqs[i].finish = "stop"
+                                sched._finish_timings(seqs[i], time.perf_counter())
+                    step += 1
+            finally:
+                sched.close()
+            return [self.result(s) for s in seqs]
+
+    def result(self, s) -> "Result":
+        """The :class:`Result` of a finished :class:`~dyvte.runtime.scheduler.Sequence`."""
+        v = s.vision
+        logits = torch_stack_numpy(s.logits) if s.return_logits else None
+        return Result(self.decode(s.tokens).strip(), list(s.tokens), s.exit_layer, logits, dict(s.timings),
+                      s.gate_probs, s.finish, len(s.input_ids), s.plan.policy.name,
+                      v.tokens if v else 0, v.num_tiles if v else 0, list(v.grids) if v else [],
+                      str(s.plan.prune) if s.plan.prune else None, list(s.segment_tokens))
 
     def close(self) -> None:
         """Free the backend's sessions/engines (waits for a running request)."""

@@ -27,36 +27,30 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-class Sampler:
-    """Chooses the next token of every row of a batch, each row by its own :class:`SamplingParams`."""
+def make_generator(params: SamplingParams, device="cpu"):
+    """The row's own generator (None when greedy), seeded by ``params.seed`` or a random seed."""
+    import torch
 
-    def __init__(self, params: list[SamplingParams], device="cpu"):
-        import torch
+    if params.temperature <= 0:
+        return None
+    g = torch.Generator(device=device)  # never torch.seed(): it would reseed the caller's global RNG
+    g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return g
 
-        self.params = list(params)
-        self.generators = []
-        for p in self.params:
-            g = None
-            if p.temperature > 0:
-                g = torch.Generator(device=device)  # never torch.seed(): it would reseed the caller's global RNG
-                g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            self.generators.append(g)
-        self.greedy = all(g is None for g in self.generators)
 
-    def __call__(self, logits):
-        """logits [B,V] float32 -> token ids [B] int64."""
-        import torch
+def sample(logits, rows: list):
+    """Next token of every row: logits [n,V] float32, ``rows`` [(SamplingParams, generator)] ->
+    token ids [n] int64. Greedy rows take the argmax; sampled rows draw from their own generator."""
+    import torch
 
-        tokens = logits.argmax(-1)
-        if self.greedy:
-            return tokens
-        for i, (p, g) in enumerate(zip(self.params, self.generators)):
-            if g is None:
-                continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)  # [V]
-            if p.top_p < 1:
-                sorted_p, order = probs.sort(descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            tokens[i] = torch.multinomial(probs, 1, generator=g)[0]
-        return tokens
+    tokens = logits.argmax(-1)
+    for i, (p, g) in enumerate(rows):
+        if g is None:
+            continue
+        probs = torch.softmax(logits[i] / p.temperature, dim=-1)  # [V]
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        tokens[i] = torch.multinomial(probs, 1, generator=g)[0]
+    return tokens

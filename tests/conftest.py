@@ -190,6 +190,6 @@ class RecordingRunner:
     def __getattr__(self, name):
         return getattr(self._runner, name)
 
-    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode, extra=None, scores=False):
         self.calls.append((index, mode, hidden.shape[0], hidden.shape[1], position_ids.clone()))
-        return self._runner.segment(index, hidden, position_ids, attention_mask, cache, mode)
+        return self._runner.segment(index, hidden, position_ids, attention_mask, cache, mode, extra, scores)

@@ -53,12 +53,34 @@ class Runner(ABC):
         ``group`` ("full" or "text") says which group of a request will use it."""
 
     @abstractmethod
-    def segment(self, index: int, hidden, position_ids, attention_mask, cache: KVCache, mode: str):
+    def segment(self, index: int, hidden, position_ids, attention_mask, cache: KVCache, mode: str,
+                extra: dict | None = None, scores: bool = False):
         """Run decoder segment ``index`` on hidden [B,S,D]; appends S tokens to ``cache``.
 
         position_ids [B,S] int64 ([3,B,S] with M-RoPE, the graph's layout), attention_mask
-        [B, cache.length + S] int64 (key padding).
+        [B, cache.length + S] int64 (key padding); ``extra``: the other inputs the graph takes, by
+        name (e.g. ``key_positions``/``token_groups`` [B, cache.length + S], ``deepstack`` [B,S,...]).
+        Returns hidden [B,S,D], or (hidden, attention_last [B, cache.length + S] float32) with
+        ``scores`` (the FastV scores; not available from the last segment).
         """
+
+    # -- caches (rows join and leave the decode batch; runtime/dispatch.py DecodeBatch) -----------
+    @abstractmethod
+    def cache_take(self, cache: KVCache, rows, start: int) -> KVCache:
+        """A cache with rows ``rows`` (int64 index [G']) of ``cache`` and its columns from ``start``
+        on (leading padding trimmed), with room for what ``cache`` still had room for."""
+
+    @abstractmethod
+    def cache_join(self, caches: list, capacity: int) -> KVCache:
+        """One cache holding every row of ``caches`` in order, each right-aligned at the longest
+        one's length (left padding, masked by the caller), with room for ``capacity`` tokens."""
+
+    def release_cache(self, cache: KVCache) -> None:
+        """``cache`` is no longer used (pooled caches become free for reuse)."""
+
+    def cache_nbytes(self, cache: KVCache) -> int:
+        """Bytes ``cache`` holds."""
+        return 0
 
     @abstractmethod
     def gate(self, hidden, text_mask, gate_index: int):
@@ -78,9 +100,6 @@ class Runner(ABC):
         ``max_input_len``, ``max_new_tokens``): the folder's export limits unless the backend's
         engines were built with other ones."""
         return dict(self.manifest.limits)
-
-    def begin_request(self) -> None:
-        """A new prefill starts: caches handed out for earlier requests are free to reuse."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (timings)."""

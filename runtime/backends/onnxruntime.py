@@ -110,7 +110,8 @@ class OnnxRuntimeRunner(Runner):
             name: create_session(manifest.path(part.onnx), providers, threads) for name, part in manifest.parts.items()
         }
         self._segment_names = [p.name for p in manifest.segments]
-        self._past_names = [[i["name"] for i in p.inputs[3:]] for p in manifest.segments]
+        self._past_names = [[i["name"] for i in p.inputs if i["name"].startswith("past.")] for p in manifest.segments]
+        self._output_names = {name: [o.name for o in sess.get_outputs()] for name, sess in self.sessions.items()}
 
     def _run(self, part: str, feeds: dict) -> list:
         import torch
@@ -132,13 +133,37 @@ class OnnxRuntimeRunner(Runner):
         empty = torch.zeros(batch, t["num_kv_heads"], 0, t["head_dim"], dtype=self.dtype)
         return OrtCache([empty] * len(self._past_names[segment]), 0, batch)
 
-    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode, extra=None, scores=False):
+        name = self._segment_names[index]
         feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
+        feeds.update(extra or {})
         feeds.update(zip(self._past_names[index], cache.tensors))
-        out = self._run(self._segment_names[index], feeds)
-        cache.tensors = out[1:]
+        outs = dict(zip(self._output_names[name], self._run(name, feeds)))
+        cache.tensors = [outs["present" + n[len("past"):]] for n in self._past_names[index]]
         cache.length += hidden.shape[1]
-        return out[0]
+        if not scores:
+            return outs["hidden_states_out"]
+        if "attention_last" not in outs:
+            raise EngineFolderError(f"{name} returns no FastV scores (attention_last): the last segment has none, "
+                                    "and folders exported before dyvte 0.2 lack them; re-export the folder")
+        return outs["hidden_states_out"], outs["attention_last"]
+
+    def cache_take(self, cache, rows, start):
+        return OrtCache([t[rows][:, :, start:] for t in cache.tensors], cache.length - start, len(rows))
+
+    def cache_join(self, caches, capacity):
+        import torch
+
+        P = max(c.length for c in caches)
+
+        def pad(t, n):  # [B,Hkv,n',hd] -> [B,Hkv,n,hd], zeros on the left
+            return t if t.shape[2] == n else torch.cat([t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3]), t], 2)
+
+        tensors = [torch.cat([pad(c.tensors[i], P) for c in caches]) for i in range(len(caches[0].tensors))]
+        return OrtCache(tensors, P, sum(c.batch for c in caches))
+
+    def cache_nbytes(self, cache):
+        return sum(t.nbytes for t in cache.tensors)
 
     def gate(self, hidden, text_mask, gate_index):
         import torch

@@ -165,40 +165,87 @@ class TensorRTRunner(Runner):
     def new_cache(self, segment, batch, capacity, group="full"):
         import torch
 
-        t = self.manifest.text
         with torch.cuda.device(self.device):
-            return self._new_cache(segment, batch, capacity, t)
+            return self._new_cache(len(self._layers[segment]), batch, capacity)
 
-    def _new_cache(self, segment, batch, capacity, t):
+    def _new_cache(self, layers: int, batch, capacity):
         import torch
 
+        t = self.manifest.text
         numel = batch * t["num_kv_heads"] * capacity * t["head_dim"]
         buffers = [[(torch.empty(numel, dtype=self.dtype, device=self.device),
                      torch.empty(numel, dtype=self.dtype, device=self.device)) for _ in range(2)]
-                   for _ in self._layers[segment]]
+                   for _ in range(layers)]
         return TrtCache(buffers, 0, 0, batch, capacity)
 
-    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode, extra=None, scores=False):
         t = self.manifest.text
         B, S = hidden.shape[0], hidden.shape[1]
         P = cache.length
         if P + S > cache.capacity:
             raise InputError(f"KV cache of segment {index} holds {cache.capacity} tokens; {P + S} requested")
-        hkv, hd = t["num_kv_heads"], t["head_dim"]
         src, dst = cache.current, 1 - cache.current
         feeds = {"hidden_states": hidden.to(self.device, self.dtype).contiguous(),
                  "position_ids": position_ids.to(self.device).contiguous(),
                  "attention_mask": attention_mask.to(self.device).contiguous()}
+        for k, v in (extra or {}).items():
+            feeds[k] = (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)).contiguous()
         outs = {}
         for layer, bufs in zip(self._layers[index], cache.buffers):
             for j, kind in enumerate(("key", "value")):
-                feeds[f"past.{layer}.{kind}"] = bufs[src][j][: B * hkv * P * hd].view(B, hkv, P, hd)
-                outs[f"present.{layer}.{kind}"] = bufs[dst][j][: B * hkv * (P + S) * hd].view(B, hkv, P + S, hd)
+                feeds[f"past.{layer}.{kind}"] = self._view(bufs[src][j], B, P)
+                outs[f"present.{layer}.{kind}"] = self._view(bufs[dst][j], B, P + S)
         name = self._segment_names[index]
         profile = self._profile(name, mode)
         out = self._on_stream(lambda: self._execute(name, profile, feeds, outs))
         cache.current, cache.length = dst, P + S
-        return out["hidden_states_out"]
+        if not scores:
+            return out["hidden_states_out"]
+        if "attention_last" not in out:
+            raise EngineFolderError(f"{name}'s plan returns no FastV scores (attention_last); re-export and rebuild")
+        return out["hidden_states_out"], out["attention_last"]
+
+    def _view(self, flat, batch: int, length: int):
+        """A flat cache buffer as [batch, Hkv, length, hd]."""
+        t = self.manifest.text
+        hkv, hd = t["num_kv_heads"], t["head_dim"]
+        return flat[: batch * hkv * length * hd].view(batch, hkv, length, hd)
+
+    def cache_take(self, cache, rows, start):
+        import torch
+
+        P = cache.length - start
+        with torch.cuda.device(self.device):
+            out = self._new_cache(len(cache.buffers), len(rows), max(cache.capacity - start, P + 1))
+            rows = rows.to(self.device)
+            for bufs, obufs in zip(cache.buffers, out.buffers):
+                for j in range(2):
+                    self._view(obufs[0][j], len(rows), P).copy_(self._view(bufs[cache.current][j], cache.batch,
+                                                                           cache.length)[rows, :, start:])
+        out.length = P
+        return out
+
+    def cache_join(self, caches, capacity):
+        import torch
+
+        P = max(c.length for c in caches)
+        B = sum(c.batch for c in caches)
+        with torch.cuda.device(self.device):
+            out = self._new_cache(len(caches[0].buffers), B, max(capacity, P + 1))
+            for li, obufs in enumerate(out.buffers):
+                for j in range(2):
+                    dst = self._view(obufs[0][j], B, P)
+                    dst.zero_()
+                    at = 0
+                    for c in caches:
+                        src = self._view(c.buffers[li][c.current][j], c.batch, c.length)
+                        dst[at: at + c.batch, :, P - c.length:] = src
+                        at += c.batch
+        out.length = P
+        return out
+
+    def cache_nbytes(self, cache):
+        return sum(t.nbytes for bufs in cache.buffers for pair in bufs for t in pair)
 
     def synchronize(self):
         self.stream.synchronize()

@@ -131,9 +131,11 @@ class TorchCache(KVCache):
     length: int = 0
     batch: int = 0
     graph: object = None  # captured decode step (CUDA)
-    in_use: bool = False  # handed out for the current request (pooled caches)
+    in_use: bool = False  # handed out and not released yet (pooled caches)
     nbytes: int = 0
-    last_used: int = 0  # request counter when last handed out (pool eviction order)
+    last_used: int = 0  # hand-out counter when last handed out (pool eviction order)
+    keys: dict = field(default_factory=dict)  # key-side graph inputs per slot, [B,C] int64 (key_positions, ...)
+    key: tuple = ()  # (segment, group, batch, capacity): its pool bucket
 
 
 class _DecodeGraph:
@@ -161,12 +163,12 @@ class _DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                segment.forward_static(self.x, self.pos, cache.mask, scratch, self.start)
+                segment.forward_static(self.x, self.pos, cache.mask, scratch, self.start, keys=cache.keys)
         torch.cuda.current_stream().wait_stream(side)
         del scratch
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = segment.forward_static(self.x, self.pos, cache.mask, live, self.start)
+            self.out = segment.forward_static(self.x, self.pos, cache.mask, live, self.start, keys=cache.keys)
 
     def __call__(self, x, pos, start: int):
         self.x.copy_(x)
@@ -214,8 +216,8 @@ class TorchRunner(Runner):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.reuse_caches = self.cuda_graphs if reuse_caches is None else reuse_caches
         self.cache_pool_bytes = int(cache_pool_bytes)
-        self._pool: dict[tuple, TorchCache] = {}  # shape bucket -> cache (and its decode graphs)
-        self._requests = 0
+        self._pool: dict[tuple, list[TorchCache]] = {}  # shape bucket -> caches (and their decode graphs)
+        self._uses = 0
         self.graph_captures = 0  # decode graphs captured so far (one per pooled cache)
         self.cache_allocations = 0  # caches allocated so far (pooling reuses them)
         spec = TextSpec.from_dict(manifest.text)
@@ -234,6 +236,8 @@ class TorchRunner(Runner):
             return materialize(part_builder(part.kind, part.info, spec, family, hf_config, dtype), source, self.device,
                                dtype)
 
+        self._key_inputs = [[i["name"] for i in p.inputs if i["name"] in ("key_positions", "token_groups")]
+                            for p in manifest.segments]
         with self._on_device():
             self.segments = [load(p) for p in manifest.segments]
             self.embed_mod = load(manifest.parts["embed"])
@@ -270,41 +274,41 @@ class TorchRunner(Runner):
     def embed(self, input_ids):
         return self.embed_mod(input_ids.to(self.device))
 
-    def begin_request(self):
-        self._requests += 1
-        for c in self._pool.values():
-            c.in_use = False
-
     def new_cache(self, segment, batch, capacity, group="full"):
         if not self.reuse_caches:
-            return self._alloc_cache(segment, batch, capacity)
+            return self._alloc_cache(segment, batch, capacity, group)
         capacity = -(-capacity // CACHE_CAPACITY_STEP) * CACHE_CAPACITY_STEP  # similar requests share a bucket
         key = (segment, group, batch, capacity)
-        c = self._pool.get(key)
-        if c is None or c.in_use:  # in use: the same bucket twice in one request (never with full/text groups)
-            c = self._alloc_cache(segment, batch, capacity)
-            if key not in self._pool:
-                self._pool[key] = c
+        bucket = self._pool.setdefault(key, [])
+        c = next((c for c in bucket if not c.in_use), None)
+        if c is None:
+            c = self._alloc_cache(segment, batch, capacity, group)
+            bucket.append(c)
         c.mask.zero_()  # stale keys/values stay but are masked out
-        c.length, c.in_use, c.last_used = 0, True, self._requests
+        self._uses += 1
+        c.length, c.in_use, c.last_used = 0, True, self._uses
         self._evict()
         return c
 
+    def release_cache(self, cache):
+        cache.in_use = False
+        self._evict()
+
     def _evict(self):
         """Free idle pooled caches, least recently used first, until the pool fits its budget."""
-        total = sum(c.nbytes for c in self._pool.values())
-        for key, c in sorted(self._pool.items(), key=lambda kv: kv[1].last_used):
+        total = self.pooled_bytes
+        idle = sorted((c for b in self._pool.values() for c in b if not c.in_use), key=lambda c: c.last_used)
+        for c in idle:
             if total <= self.cache_pool_bytes:
                 break
-            if not c.in_use:
-                total -= c.nbytes
-                del self._pool[key]
+            total -= c.nbytes
+            self._pool[c.key].remove(c)
 
     @property
     def pooled_bytes(self) -> int:
-        return sum(c.nbytes for c in self._pool.values())
+        return sum(c.nbytes for b in self._pool.values() for c in b)
 
-    def _alloc_cache(self, segment, batch, capacity):
+    def _alloc_cache(self, segment, batch, capacity, group="full"):
         import torch
 
         n_layers = len(self.segments[segment].layers)
@@ -312,12 +316,50 @@ class TorchRunner(Runner):
         kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(n_layers)]
         mask = torch.zeros(batch, capacity, dtype=torch.int64, device=self.device)
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + mask.nbytes
+        keys = {name: torch.zeros(batch, capacity, dtype=torch.int64, device=self.device)
+                for name in self._key_inputs[segment]}
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + mask.nbytes + sum(t.nbytes for t in keys.values())
         self.cache_allocations += 1
-        return TorchCache(kv, mask, 0, batch, nbytes=nbytes)
+        return TorchCache(kv, mask, 0, batch, nbytes=nbytes, keys=keys, key=(segment, group, batch, capacity))
+
+    def cache_nbytes(self, cache):
+        return cache.nbytes
 
     @_no_grad
-    def segment(self, index, hidden, position_ids, attention_mask, cache, mode):
+    def cache_take(self, cache, rows, start):
+        segment, group, _, capacity = cache.key
+        P = cache.length - start
+        out = self.new_cache(segment, len(rows), max(capacity - start, P + 1), group)
+        rows = rows.to(self.device)
+        for (k, v), (k2, v2) in zip(cache.kv, out.kv):
+            k2[:, :, :P] = k[rows, :, start: cache.length]
+            v2[:, :, :P] = v[rows, :, start: cache.length]
+        out.mask[:, :P] = cache.mask[rows, start: cache.length]
+        for name, t in cache.keys.items():
+            out.keys[name][:, :P] = t[rows, start: cache.length]
+        out.length = P
+        return out
+
+    @_no_grad
+    def cache_join(self, caches, capacity):
+        segment, group = caches[0].key[:2]
+        P = max(c.length for c in caches)
+        out = self.new_cache(segment, sum(c.batch for c in caches), max(capacity, P + 1), group)
+        at = 0
+        for c in caches:  # right-aligned at P: columns [P - length, P)
+            b, n = c.batch, c.length
+            for (k, v), (k2, v2) in zip(c.kv, out.kv):
+                k2[at: at + b, :, P - n: P] = k[:, :, :n]
+                v2[at: at + b, :, P - n: P] = v[:, :, :n]
+            out.mask[at: at + b, P - n: P] = c.mask[:, :n]
+            for name, t in c.keys.items():
+                out.keys[name][at: at + b, P - n: P] = t[:, :n]
+            at += b
+        out.length = P
+        return out
+
+    @_no_grad
+    def segment(self, index, hidden, position_ids, attention_mask, cache, mode, extra=None, scores=False):
         import torch
 
         seg = self.segments[index]
@@ -325,16 +367,24 @@ class TorchRunner(Runner):
         if P + S > cache.mask.shape[1]:
             raise InputError(f"KV cache of segment {index} holds {cache.mask.shape[1]} tokens; {P + S} requested")
         cache.mask[:, P: P + S] = attention_mask[:, P: P + S]
+        extra = dict(extra or {})
+        for name, t in cache.keys.items():  # key-side inputs live with the cache, like the key padding
+            t[:, P: P + S] = extra.pop(name)[:, P: P + S]
+        data = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in extra.items()}
         hidden = hidden.to(self.device, self.dtype)
         position_ids = position_ids.to(self.device)
-        if mode == "decode" and self.cuda_graphs:
+        if mode == "decode":
+            data = {}  # decode tokens are never visual: token-aligned inputs such as deepstack are zero
+        if mode == "decode" and self.cuda_graphs and not scores:
             if cache.graph is None:  # a pooled cache keeps its graph for later requests
                 cache.graph = _DecodeGraph(seg, cache, self.spec.hidden_size, self.dtype)
                 self.graph_captures += 1
             out = cache.graph(hidden, position_ids, P)
         else:
             start = torch.tensor(P, device=self.device)
-            out = seg.forward_static(hidden, position_ids, cache.mask, cache.kv, start, length=P + S)
+            out = seg.forward_static(hidden, position_ids, cache.mask, cache.kv, start, length=P + S, scores=scores,
+                                     keys=cache.keys, data=data)
         cache.length += S
         return out
 
