@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import DyvteError
+from .runtime.plan import PRUNE_HELP
 from .settings import (
     DEFAULT_DTYPE,
     DEFAULT_GATE_THRESHOLD,
@@ -62,6 +63,9 @@ def export_options(f):
                      help="Engine folder to write (default: dyvte-engines/<model name>)."),
         click.option("--candidates", callback=_int_list, default=None,
                      help="Candidate exit layers, comma-separated (default: every L/8 layers, e.g. 4,8,...,28 for L=32)."),
+        click.option("--prune-layers", callback=_int_list, default=None,
+                     help="Extra segment boundaries where FastV stages (fastv:K:R) may act, comma-separated; "
+                          "candidates are boundaries already. No gates or exits there."),
         click.option("--gates", type=click.Path(path_type=Path), default=None,
                      help="Gates safetensors (gate.{k}.fc1/fc2.weight) enabling policy 'gate'."),
         click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset."),
@@ -88,8 +92,8 @@ def export_options(f):
     return f
 
 
-def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input_len, max_new_tokens, max_tiles,
-               max_pixels, no_validate, overwrite, engines):
+def _do_export(model, out, candidates, prune_layers, gates, opset, dtype, max_batch, max_input_len, max_new_tokens,
+               max_tiles, max_pixels, no_validate, overwrite, engines):
     from dyvte.exporter import ExportSettings, export
 
     if engines == "tensorrt":
@@ -100,11 +104,9 @@ def _do_export(model, out, candidates, gates, opset, dtype, max_batch, max_input
     if out is None:
         out = Path("dyvte-engines") / (Path(model.rstrip("/")).name.split("/")[-1] if model else "demo-llava")
     path = export(ExportSettings(
-        out=out, model=model, candidates=candidates, gates=gates, opset=opset, dtype=dtype, max_batch=max_batch,
-        max_input_len=max_input_len, max_new_tokens=max_new_tokens, max_tiles=max_tiles, max_pixels=max_pixels,
-        validate=not no_validate,
-        overwrite=overwrite,
-        progress=True, log=log,
+        out=out, model=model, candidates=candidates, prune_layers=prune_layers, gates=gates, opset=opset, dtype=dtype,
+        max_batch=max_batch, max_input_len=max_input_len, max_new_tokens=max_new_tokens, max_tiles=max_tiles,
+        max_pixels=max_pixels, validate=not no_validate, overwrite=overwrite, progress=True, log=log,
     ))
     if engines == "tensorrt":
         from dyvte.engines.tensorrt import BuildSettings, build_engines
@@ -151,24 +153,27 @@ def _fmt_timings(t: dict) -> str:
 @click.option("--backend", default="auto", show_default=True, help="auto | onnxruntime | torch | tensorrt")
 @click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True,
               help="Exit when p(exit) exceeds this.")
+@click.option("--prune", default=None, help=f"Visual-token pruning: {PRUNE_HELP}.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-verify", is_flag=True, help="Skip the checksum check of the folder's files.")
-def run_cmd(engine_dir, image, prompt, policy, max_new_tokens, backend, gate_threshold, temperature, top_p, seed,
+def run_cmd(engine_dir, image, prompt, policy, max_new_tokens, backend, gate_threshold, prune, temperature, top_p, seed,
             as_json, no_verify):
     """Answer a question about an image with an engine folder."""
     from dyvte.runtime import Pipeline
 
     with Pipeline.load(engine_dir, backend=backend, verify=not no_verify) as pipe:
         res = pipe.generate(image, prompt, max_new_tokens=max_new_tokens, policy=policy, gate_threshold=gate_threshold,
-                            temperature=temperature, top_p=top_p, seed=seed)
+                            temperature=temperature, top_p=top_p, seed=seed, prune=prune)
         if as_json:
             click.echo(json.dumps({**res.to_dict(), "backend": pipe.backend, "num_layers": pipe.num_layers}))
             return
         click.echo(res.text)
-        click.echo(f"exit layer {res.exit_layer}/{pipe.num_layers} (policy {res.policy}, backend {pipe.backend})", err=True)
+        pruned = f", prune {res.prune}: tokens per segment {res.segment_tokens}" if res.prune else ""
+        click.echo(f"exit layer {res.exit_layer}/{pipe.num_layers} (policy {res.policy}{pruned}, "
+                   f"backend {pipe.backend})", err=True)
         click.echo(_fmt_timings(res.timings), err=True)
 
 
@@ -310,20 +315,31 @@ def calibrate_vtw_cmd(engine_dir, data, image_root, samples, eta, backend):
 @click.option("--max-samples", type=int, default=None, help="Evaluate at most this many samples (demo default 600).")
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
+@click.option("--prune", "prune", multiple=True,
+              help=f"Prune spec applied to every listed policy ({PRUNE_HELP}; 'none' = no pruning); repeat for "
+                   "several, each run is named policy+spec.")
+@click.option("--frontier", is_flag=True,
+              help="Accuracy vs decoder FLOPs of the default policies, FastV and DivPrune at several R and their "
+                   "compositions with the gate (replaces --policies/--prune).")
 @click.option("--backend", default="auto", show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write {policy: metrics} here.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write {run: metrics} here.")
 @click.option("--plots", type=click.Path(path_type=Path), default=None, help="Write the PNG plots into this folder.")
-def eval_cmd(engine_dir, data, image_root, policies, max_samples, max_new_tokens, gate_threshold, backend, json_path,
-             plots):
-    """Accuracy, mean exit layer, TFLOPs and latency per exit policy, with plots."""
+def eval_cmd(engine_dir, data, image_root, policies, max_samples, max_new_tokens, gate_threshold, prune, frontier,
+             backend, json_path, plots):
+    """Accuracy, mean exit layer, TFLOPs and latency per exit policy (and prune spec), with plots."""
     from dyvte.engines.files import write_json
     from dyvte.engines.manifest import Manifest
-    from dyvte.evaluate import evaluate, format_table, plot
+    from dyvte.evaluate import evaluate, format_frontier, format_table, frontier_runs, plot
 
-    pols = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
-    summary, rows = evaluate(engine_dir, data, image_root, pols, backend, max_samples, max_new_tokens, gate_threshold)
     m = Manifest.load(engine_dir, verify=False)
+    pols = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+    specs = [None if p.strip() in ("", "none") else p.strip() for p in prune] or [None]
+    runs = frontier_runs(m) if frontier else None
+    summary, rows = evaluate(engine_dir, data, image_root, pols, backend, max_samples, max_new_tokens, gate_threshold,
+                             prune=specs, runs=runs)
     click.echo(format_table(summary, m.num_layers))
+    if any(s["prune"] for s in summary.values()):
+        click.echo("\n" + format_frontier(summary))
     if json_path:
         write_json(json_path, summary)
     if plots:

@@ -4,7 +4,9 @@ Checks, per part: opset within the parser's range; every operator in TensorRT's 
 table (engines/data/tensorrt_onnx_ops.json, with its source and version) and with a supported
 data type; no custom domains; decoder segments free of If/Loop/Scan and ONNX Attention; softmax
 and RMSNorm math in float32 in low-precision graphs; the manifest's I/O matching the graph; the
-optimization profiles derived from the folder's limits consistent with the graphs.
+optimization profiles derived from the folder's limits consistent with the graphs (segment
+outputs, ``attention_last`` [batch, total] float32 of every segment but the last included, only
+on axes the profiles range).
 """
 
 from __future__ import annotations
@@ -166,6 +168,21 @@ def _check_io(report: LintReport, part, model, manifest, limits: Limits) -> None
             if not 0 <= lo <= opt <= hi or hi < 1 and ax not in ("past",):
                 report.add("error", part.name, f"profile {prof}: axis {ax} range ({lo}, {opt}, {hi}) is empty or unordered")
     if part.kind == "segment":
+        profiles = part_profiles(manifest, part, limits)
+        axes = set().union(*(set(p) for p in profiles.values()))
+        for t in part.outputs:  # output axes must be ones the profiles range (TensorRT sizes outputs from them)
+            unknown = [d for d in t["shape"] if isinstance(d, str) and d not in axes]
+            if unknown:
+                report.add("error", part.name, f"output {t['name']} has axes {unknown} that no profile ranges "
+                                               f"(profiles range {sorted(axes)})")
+        scores = next((t for t in part.outputs if t["name"] == "attention_last"), None)
+        if part.layers[1] < manifest.num_layers:
+            if scores is None:
+                report.add("warning", part.name, f"no attention_last output: fastv stages at layer {part.layers[1]} "
+                                                 "cannot run; re-export the folder")
+            elif scores["shape"] != ["batch", "total"] or scores["dtype"] != "float32":
+                report.add("error", part.name, f"attention_last is {scores['dtype']} {scores['shape']}, the runtime "
+                                               "reads float32 [batch, total]; re-export the folder")
         text = manifest.text
         total = limits.max_input_len + limits.max_new_tokens
         if total > text["max_position_embeddings"]:

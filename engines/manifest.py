@@ -186,6 +186,8 @@ class Manifest:
             f"vision         {m['vision_model_type']}, {_family(m).describe(m['vision'])}",
             f"dtype / opset  {self.dtype} / {self.data['opset']}",
             f"candidates     {self.candidates}",
+            f"prune layers   {self.prune_layers or 'none'} (segment boundaries where fastv:K:R may act: "
+            f"{self.boundaries})",
             f"gates          {'layers ' + str(self.gate_layers) if self.gate else 'none (policy gate unavailable)'}",
             f"limits         {self.limits}",
         ]

@@ -8,6 +8,9 @@ profiles, one per way the dispatcher calls it (see runtime/backends/base.py MODE
     decode  one token with a cache:        seq = 1, past in [1, max_input_len + max_new_tokens - 1]
 
 (V = the fewest visual tokens one image can become, from the model family; total = past + seq.)
+Profiles range inputs only; outputs follow from them: ``present.*`` and ``attention_last``
+(FastV's scores, every segment but the last) on ``total``. Pruned prefills only shorten the
+sequences, so they stay within ``full`` (visual tokens left) and ``text`` (after the exit).
 The vision part's profiles come from the family: LLaVA-style ``images`` counts tiles, up to
 max_batch x the folder's tiles per prompt; Qwen-VL encodes one image per call, so ``patches``
 ranges up to the export's patches per image (``--max-pixels``) and ``windows`` up to the most

@@ -52,6 +52,7 @@ class ExportSettings:
     out: Path
     model: str | None = None  # folder, preset or repo id; None = embedded demo model
     candidates: list[int] | None = None  # None = settings.default_candidates(L)
+    prune_layers: list[int] | None = None  # extra segment boundaries for FastV stages (no gates, no exits there)
     gates: Path | None = None
     opset: int = DEFAULT_OPSET
     dtype: str = DEFAULT_DTYPE
@@ -98,6 +99,16 @@ def check_candidates(candidates: list[int], num_layers: int) -> list[int]:
     if bad or not cands and num_layers > 1 and candidates:
         raise InputError(f"candidate layers {bad} are outside [1, {num_layers - 1}] for a {num_layers}-layer model")
     return cands
+
+
+def check_prune_layers(layers: list[int], num_layers: int) -> list[int]:
+    """``--prune-layers``: extra segment boundaries in [1, L-1] where FastV stages may act."""
+    out = sorted(set(int(k) for k in layers))
+    bad = [k for k in out if not 1 <= k <= num_layers - 1]
+    if bad:
+        raise InputError(f"--prune-layers {bad} are outside [1, {num_layers - 1}] for a {num_layers}-layer model "
+                         "(a FastV stage acts at a layer inside the decoder)")
+    return out
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -276,6 +287,7 @@ def export(settings: ExportSettings) -> Path:
             f"max_position_embeddings ({max_pos}); lower them"
         )
     candidates = check_candidates(settings.candidates if settings.candidates is not None else default_candidates(L), L)
+    prune_layers = check_prune_layers(settings.prune_layers or [], L)
     gates_path = settings.gates
     if gates_path is None and settings.model is None:
         from dyvte.demo import default_gates
@@ -297,7 +309,7 @@ def export(settings: ExportSettings) -> Path:
     (staging / "onnx").mkdir(exist_ok=True)
     state = _State(staging)
     base = _digest(SCHEMA_VERSION, __version__, _model_fingerprint(model_dir), settings.dtype, settings.opset)
-    bounds = [0, *candidates, L]
+    bounds = [0, *sorted(set(candidates) | set(prune_layers)), L]  # segment starts: candidates and prune layers
     plan = [("vision", (image_size,)), ("embed", ()), *((f"segment_{i}", (a, b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))]
     gates_digest = sha256_file(Path(gates_path)) if gates else None
     if gates:
@@ -423,6 +435,7 @@ def export(settings: ExportSettings) -> Path:
         },
         "text": text,
         "candidates": candidates,
+        "prune_layers": prune_layers,
         "limits": {
             "max_batch": settings.max_batch,
             "max_input_len": max_input,

@@ -23,10 +23,11 @@ row appends at the same column. Rows join (their prefill caches merged into the 
 it is alone. Generated tokens continue at each row's next position (prompt length for 1-D RoPE,
 largest M-RoPE position + 1), exit or not.
 
-Only rows with visual tokens and at least one text token after them can exit: a prompt without an
-image has nothing to drop, and one that ends with its image gives the gate no text to read. Such
-rows run every layer (exit layer L, no gate probabilities) under every policy; pruning still applies
-to their visual tokens.
+Only rows with visual tokens and at least one text token after them can exit or prune: a prompt
+without an image has nothing to drop, and one that ends with its image gives the gate no text to
+read and FastV no query after the image (and its last prompt token, which gives the first
+generated token, must stay). Such rows run every layer with all their tokens (exit layer L, no gate
+probabilities) under every policy and prune spec.
 """
 
 from __future__ import annotations
@@ -332,9 +333,10 @@ class Prefill:
             if bool(zero_exit[i]):
                 keep[i] = ~batch.visual[i]
                 self.exit_layers[i], self.exited[i] = 0, True
-            elif self.plans[i].prune is not None and self.plans[i].prune.divprune is not None and bool(has_image[i]):
+            elif self.plans[i].prune is not None and self.plans[i].prune.divprune is not None \
+                    and bool(batch.exitable[i]):
                 vis = batch.visual[i]
-                keep[i, vis] = divprune_keep(hidden[i, vis].float(), self.plans[i].prune.divprune)
+                keep[i, vis] = divprune_keep(hidden[i, vis], self.plans[i].prune.divprune)
         changed = bool((~keep & batch.visual).any())
         self.groups = partition([compact(g, keep) if changed else g], self._exited_rows())
 
@@ -353,7 +355,7 @@ class Prefill:
                 plan = self.plans[r]
                 share = plan.prune.fastv_at(a) if plan.prune is not None and not self.exited[r] else None
                 vis = g.t["visual"][i]
-                if share is not None and bool(vis.any()):
+                if share is not None and r in self.scores:
                     keep[i, vis] = fastv_keep(self.scores[r][vis], share)
             if bool((~keep & g.t["visual"]).any()):
                 g, changed = compact(g, keep), True
@@ -399,8 +401,10 @@ class Prefill:
             self._start()
         elif a > 0:
             self._boundary(a)
-        wants_scores = {r for r, plan in enumerate(self.plans)
-                        if plan.prune is not None and b in plan.prune.score_layers and not self.exited[r]}
+        exitable = self.batch.exitable.tolist()
+        wants_scores = {r for r, plan in enumerate(self.plans)  # FastV stages at b of rows still holding visual tokens
+                        if plan.prune is not None and b in plan.prune.score_layers and not self.exited[r]
+                        and exitable[r]}
         entries = []
         for g in self.groups:
             G, S = g.t["mask"].shape
@@ -415,7 +419,8 @@ class Prefill:
             g.t["hidden"] = hidden
             if want:
                 for i, r in enumerate(rows):
-                    self.scores[r] = scores[i].float()
+                    if r in wants_scores:
+                        self.scores[r] = scores[i].float()
             for r, n in zip(rows, g.lengths.tolist()):
                 self.tokens[r].append(n)
             entries.append(CacheEntry(rows, g.mode, cache, g.t["mask"], keys))

@@ -52,7 +52,8 @@ def _share(text: str, spec: str) -> float:
     except ValueError:
         raise InputError(f"prune spec '{spec}': R must be a number in (0, 1) ({PRUNE_HELP})") from None
     if not 0.0 < r < 1.0:
-        raise InputError(f"prune spec '{spec}': R = {text} is outside (0, 1): it is the share of visual tokens dropped")
+        raise InputError(f"prune spec '{spec}': R = {text} is outside (0, 1); give the share of the visual tokens "
+                         "to drop, e.g. 0.5")
     return r
 
 
@@ -128,29 +129,35 @@ def fastv_keep(scores, share: float):
 
 def divprune_keep(features, share: float):
     """DivPrune's choice among one prompt's visual rows (all its images form one pool):
-    features [n,D] -> bool [n]. Distance 1 - cos; the first pick is the row whose nearest other
-    row is farthest, then repeatedly the row whose nearest already-picked row is farthest (ties:
-    the earlier row)."""
+    features [n,D] -> bool [n] (on the features' device). Distance 1 - cos; the first pick is the
+    row whose nearest other row is farthest, then repeatedly the row whose nearest already-picked
+    row is farthest (ties: the earlier row; ``argmax`` returns the first maximum).
+
+    The [n,n] distances are one float32 GEMM on the features' device (576 rows of d = 4096:
+    2.7 GFLOPs, four times as much in float64); the k - 1 greedy steps run on the host in numpy
+    (about 2 us a step, against 15-20 us for the same few torch ops on the CPU or for kernel
+    launches on a GPU)."""
+    import numpy as np
     import torch
 
     n = features.shape[0]
     k = kept_count(n, share)
-    keep = torch.zeros(n, dtype=torch.bool, device=features.device)
-    if k == 0:
-        return keep
-    x = features.double()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    dist = 1.0 - x @ x.T  # [n,n]
-    if n == 1:
-        keep[0] = True
-        return keep
-    nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=dist.device), float("inf")).min(1).values
-    first = int(torch.argmax(nearest))  # argmax returns the first maximum
-    keep[first] = True
-    to_picked = dist[first].clone()  # [n] distance of every row to its nearest picked row
-    for _ in range(k - 1):
-        cand = to_picked.masked_fill(keep, -float("inf"))
-        nxt = int(torch.argmax(cand))
-        keep[nxt] = True
-        to_picked = torch.minimum(to_picked, dist[nxt])
-    return keep
+    keep = np.zeros(n, dtype=bool)
+    if k == n:  # (n = 1 included: no other row to be far from)
+        keep[:] = True
+    elif k > 0:
+        x = features.float()
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        dist = (1.0 - x @ x.T).cpu().numpy()  # [n,n]
+        nearest = dist.copy()
+        np.fill_diagonal(nearest, np.inf)
+        first = int(nearest.min(1).argmax())  # the row whose nearest other row is farthest
+        keep[first] = True
+        to_picked = dist[first].copy()  # [n] distance of every row to its nearest picked row
+        to_picked[first] = -np.inf
+        for _ in range(k - 1):
+            nxt = int(to_picked.argmax())
+            keep[nxt] = True
+            np.minimum(to_picked, dist[nxt], out=to_picked)
+            to_picked[nxt] = -np.inf
+    return torch.from_numpy(keep).to(features.device)
