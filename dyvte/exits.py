@@ -82,9 +82,10 @@ class ExitModel:
         return self.family.lm_head(self.model)(self.lm.norm(hidden))
 
     @staticmethod
-    def drop_visual(s: Seq) -> Seq:
-        """Remove visual positions; rows are re-packed to the left (right padding)."""
-        keep = s.mask.bool() & ~s.visual
+    def select(s: Seq, keep) -> Seq:
+        """Keep the tokens where ``keep`` [B,S] (bool) and the mask are set, in order; rows are
+        re-packed to the left (right padding). Kept tokens keep their position ids."""
+        keep = s.mask.bool() & keep
         n = keep.sum(1)
         S = int(n.max())
         slot = keep.long().cumsum(1) - 1
@@ -98,7 +99,12 @@ class ExitModel:
 
         mask = torch.zeros(keep.shape[0], S, dtype=s.mask.dtype, device=keep.device)
         mask[r, c] = 1
-        return Seq(move(s.hidden), move(s.position_ids), mask, torch.zeros_like(mask, dtype=torch.bool), move(s.index))
+        return Seq(move(s.hidden), move(s.position_ids), mask, move(s.visual), move(s.index))
+
+    @classmethod
+    def drop_visual(cls, s: Seq) -> Seq:
+        """Remove visual positions; rows are re-packed to the left (right padding)."""
+        return cls.select(s, ~s.visual)
 
     def forward(self, input_ids, vision, attention_mask, exit_layer: int | None = None, image_features=None):
         """Logits [B,S',V] of a teacher-forced run exiting at ``exit_layer`` (None/L: no exit), the

@@ -19,12 +19,13 @@ and greedy picks, FastV's ranking on the host; FastV's scores come out of the se
 choosing is in the measured time and not in the FLOPs.
 
     python scripts/bench_prune.py --reps 11                      # the README's numbers
-    python scripts/bench_prune.py --hidden 128 --layers 4 --reps 2 --workdir /tmp/bp   # a smoke run
+    python scripts/bench_prune.py --hidden 64 --layers 8 --reps 1 --workdir /tmp/bp    # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -35,9 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prefill import PROMPT, build, export_once  # noqa: E402  (the same model and export)
 
 
-def _timed_selection(sink: list):
-    """Wrap the token-selection functions the dispatcher calls so their time is summed in ``sink``."""
+@contextlib.contextmanager
+def timed_selection(sink: list):
+    """Within the block, the token-selection functions the dispatcher calls add their time to
+    ``sink[0]`` (restored afterwards)."""
     from dyvte.runtime import dispatch
+
+    saved = dispatch.divprune_keep, dispatch.fastv_keep
 
     def wrap(fn):
         def timed(*a, **k):
@@ -48,8 +53,11 @@ def _timed_selection(sink: list):
 
         return timed
 
-    dispatch.divprune_keep = wrap(dispatch.divprune_keep)
-    dispatch.fastv_keep = wrap(dispatch.fastv_keep)
+    dispatch.divprune_keep, dispatch.fastv_keep = (wrap(f) for f in saved)
+    try:
+        yield
+    finally:
+        dispatch.divprune_keep, dispatch.fastv_keep = saved
 
 
 def main(argv=None):
@@ -90,7 +98,6 @@ def main(argv=None):
     for policy, spec in variants.values():
         pipe.plan(policy, 0.5, spec)  # fail early (e.g. K not a boundary: re-export with --prune-layers)
     selection = [0.0]
-    _timed_selection(selection)
 
     def run(policy, spec):
         return pipe.generate_ids(ids_np, **vision_np, max_new_tokens=1, policy=policy, prune=spec)
@@ -98,7 +105,7 @@ def main(argv=None):
     probe = {name: run(*v) for name, v in variants.items()}  # warm-up, and each variant's token plan
     times = {k: [] for k in variants}
     select = {k: [] for k in variants}
-    with torch.inference_mode():
+    with torch.inference_mode(), timed_selection(selection):
         for _ in range(args.reps):
             for name, v in variants.items():
                 selection[0] = 0.0
@@ -133,6 +140,7 @@ def main(argv=None):
                                          "segment_tokens": {k: r.segment_tokens for k, r in probe.items()},
                                          "prompt_tokens": T, "visual_tokens": n_vis, "hidden": t["hidden_size"],
                                          "layers": L, "threads": torch.get_num_threads()}, indent=2))
+    pipe.close()
     return worst
 
 

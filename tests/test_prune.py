@@ -464,3 +464,42 @@ def test_eval_with_prune_specs(synth_model, synth_data, tmp_path):
                 m.text, tokens, len(r.token_ids), head=False)
             assert row["decoder_tflops"] == pytest.approx(want / 1e12) and tokens[0] > tokens[1]
     assert ("gate", "divprune:0.5") in frontier_runs(m) and ("never", "fastv:1:0.9") in frontier_runs(m)
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_prune_small(tmp_path, capsys):
+    out = tmp_path / "prune.json"
+    _script("bench_prune").main(["--workdir", str(tmp_path), "--hidden", "64", "--layers", "8", "--reps", "1",
+                                 "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "largest |time ratio / FLOPs ratio - 1|" in text and "fastv:2:0.75 + layer:4" in text
+    res = json.loads(out.read_text())
+    tokens = res["segment_tokens"]
+    assert tokens["never"] == [616] * 8 and tokens["divprune:0.75"] == [184] * 8
+    assert tokens["fastv:2:0.75"][:2] == [616, 616] and tokens["fastv:2:0.75 + layer:4"][4:] == [40] * 4
+    g = res["gflops"]
+    assert g["fastv:2:0.75 + layer:4"] < g["fastv:2:0.75"] < g["never"] and res["selection_s"]["divprune:0.75"][0] > 0
+    from dyvte.runtime import dispatch
+    from dyvte.runtime.plan import divprune_keep
+
+    assert dispatch.divprune_keep is divprune_keep  # the timing wrappers are gone
+
+
+def test_finetune_demo_prune_small(tmp_path):
+    from dyvte.models import load_model
+
+    out = tmp_path / "ft"
+    _script("finetune_demo_prune").main(["--out", str(out), "--steps", "2", "--batch", "4", "--train-samples", "16",
+                                         "--prune-prob", "1.0"])
+    assert (out / "model.safetensors").is_file() and json.loads((out / "training_log.json").read_text())["args"]
+    load_model(out)
