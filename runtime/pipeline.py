@@ -6,8 +6,10 @@
 
 A ``Pipeline`` may be shared by threads on every backend: requests run through the runner one
 batch at a time (a lock), so concurrent calls never see each other's state and answer as they
-would alone. Calls that should share a batch are batched by the caller (:meth:`Pipeline.run`
-with several :class:`Request` objects, as ``dyvte serve`` does).
+would alone. Calls that should share a batch are batched by the caller: :meth:`Pipeline.run`
+with several :class:`Request` objects, or a step-level :meth:`Pipeline.scheduler` that requests
+join and leave at every decode step (as ``dyvte serve`` and the Triton model do, see
+:mod:`dyvte.serving`).
 """
 
 from __future__ import annotations

@@ -673,3 +673,45 @@ def test_kv_budget_refuses_what_cannot_fit(llama, pipelines):
         assert state.worker.scheduler.kv_bytes(seq) <= 20_000
     finally:
         state.stop()
+
+
+def test_worker_survives_a_failing_step(llama, pipelines):
+    """A step that raises fails the rows in flight, keeps the waiting ones and the worker."""
+    import threading as th
+
+    from dyvte.serving.worker import Job, Worker, make_sequence
+
+    pipe = pipelines(llama.engine_dir)
+    fail = th.Event()
+
+    class FailingPipe(SlowPipe):
+        def scheduler(self, *args, **kwargs):
+            sched = super().scheduler(*args, **kwargs)
+            step = sched.step
+
+            def failing_step():  # the step after the one that admitted the first request fails
+                if fail.is_set() and sched.running:
+                    fail.clear()
+                    raise RuntimeError("boom")
+                return step()
+
+            sched.step = failing_step
+            return sched
+
+    worker = Worker(FailingPipe(pipe, 0.0), max_batch=1)
+    try:
+        plan = pipe.plan("never")
+        outcomes = [[], []]
+        done = [th.Event(), th.Event()]
+        reqs = [pipe.encode(make_image(i), QUESTIONS[i], 4) for i in (0, 1)]
+
+        def on_done(i):
+            return lambda o: (outcomes[i].append(o), done[i].set())
+
+        fail.set()
+        worker.submit_many([Job(make_sequence(pipe, r, plan), on_done(i)) for i, r in enumerate(reqs)])
+        assert done[0].wait(30) and done[1].wait(30)
+        assert isinstance(outcomes[0][0], RuntimeError)  # admitted (max_batch 1) when the step failed
+        assert outcomes[1][0].text == alone(pipe, QUESTIONS[1], make_image(1), 4, "never").text  # was waiting
+    finally:
+        assert worker.close(30)
