@@ -86,8 +86,9 @@ def build_random_llava(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def workload(n: int, tokens: list[int], seed: int = 7) -> list[dict]:
-    """``n`` chat requests (OpenAI bodies) over synthetic scenes, max_tokens cycling through ``tokens``."""
+def workload(n: int, tokens: list[int], seed: int = 7, policies: list[str] | None = None) -> list[dict]:
+    """``n`` chat requests (OpenAI bodies) over synthetic scenes, max_tokens cycling through
+    ``tokens`` and, when given, exit policies through ``policies`` (``{"dyvte": {"policy": ...}}``)."""
     from dyvte.synth import make_dialogue
 
     items = []
@@ -103,6 +104,8 @@ def workload(n: int, tokens: list[int], seed: int = 7) -> list[dict]:
             messages.insert(0, {"role": "system", "content": "answer with one word ."})
         items.append({"messages": messages, "max_tokens": tokens[i % len(tokens)], "temperature": 0,
                       "stream": i % 4 == 1})
+        if policies:
+            items[-1]["dyvte"] = {"policy": policies[(i + seed) % len(policies)]}
     return items
 
 
@@ -131,8 +134,8 @@ def references(engine_dir: str, backend: str, policy: str, items: list[dict]) ->
     from dyvte.runtime import Pipeline
 
     with Pipeline.load(engine_dir, backend=backend) as pipe:
-        return [pipe.run([pipe.encode_chat(to_pipeline_messages(it["messages"]), it["max_tokens"])], policy)[0].text
-                for it in items]
+        return [pipe.run([pipe.encode_chat(to_pipeline_messages(it["messages"]), it["max_tokens"])],
+                         it.get("dyvte", {}).get("policy", policy))[0].text for it in items]
 
 
 class Client:
@@ -299,7 +302,10 @@ def main(argv=None) -> int:
     src.add_argument("--random-llava", metavar="DIR", help="serve a random 8-layer LLaVA, built into DIR if missing")
     ap.add_argument("--url", default=None, help="an already running server on loopback (default: start one)")
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--policy", default="auto")
+    ap.add_argument("--policy", default="auto", help="the started server's default exit policy")
+    ap.add_argument("--policies", default=None,
+                    help="exit policies the requests choose in turn (comma-separated, e.g. never,gate,layer:2,layer:5: "
+                         "rows exiting at different layers share the batch); default: the server's")
     ap.add_argument("--clients", type=int, default=8, help="clients of the concurrent mode")
     ap.add_argument("--requests", type=int, default=8, help="requests per concurrent client")
     ap.add_argument("--serial", type=int, default=None, help="serial requests (default: clients x requests / 2)")
@@ -342,7 +348,8 @@ def main(argv=None) -> int:
     mix = sorted({min(t, long_n) for t in (2, 4, 8, 16, 32, 64, long_n)})
     t_start, load0 = time.monotonic(), os.getloadavg()[0]
     d = args.distinct
-    items = workload(d, mix) + workload(d, [short_n], seed=8) + workload(d, [long_n], seed=9)
+    pols = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None
+    items = workload(d, mix, 7, pols) + workload(d, [short_n], 8, pols) + workload(d, [long_n], 9, pols)
     print(f"computing {len(items)} reference answers ...", file=sys.stderr)
     refs = references(args.engine_dir, args.backend, args.policy, items)
     pairs = list(zip(items, refs))
@@ -410,7 +417,8 @@ def main(argv=None) -> int:
     extras = [f"{k}: {v}" for k, v in (("threads", args.threads), ("max batch", args.max_batch),
                                         ("kv budget", args.kv_budget), ("prefill tokens", args.prefill_tokens))
               if v is not None]
-    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}, policy {args.policy}"
+    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}, policy "
+          f"{args.policies if args.policies else args.policy}"
           f"{', ' + ', '.join(extras) if extras else ''}; max_tokens short {short_n}, long {long_n}, mix "
           f"{'/'.join(map(str, mix))}; {d} distinct requests per kind, {args.rounds} alternated rounds, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, 1-min load average before/after "

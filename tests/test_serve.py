@@ -549,7 +549,8 @@ def test_load_test_script(server, llama, tmp_path):
     out = tmp_path / "load.json"
     r = subprocess.run([sys.executable, str(script), "--engine-dir", str(llama.engine_dir), "--url", server.url,
                         "--clients", "3", "--requests", "2", "--serial", "3", "--distinct", "3", "--short-requests", "3",
-                        "--long-clients", "2", "--long-tokens", "12", "--rounds", "1", "--json", str(out)],
+                        "--long-clients", "2", "--long-tokens", "12", "--rounds", "1", "--policies", "never,gate,layer:2",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "throughput (concurrent / serial)" in r.stdout and "short p50 (under load / alone)" in r.stdout
