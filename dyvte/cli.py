@@ -347,7 +347,22 @@ def eval_cmd(engine_dir, data, image_root, policies, max_samples, max_new_tokens
             click.echo(f"wrote {p}", err=True)
 
 
-from . import settings as _settings  # noqa: E402  (serve defaults; dyvte.serve loads only when serving)
+from . import settings as _settings  # noqa: E402  (serve defaults; dyvte.serving loads only when serving)
+
+
+def _size(ctx, param, value):
+    from dyvte.serving import parse_size
+
+    try:
+        return parse_size(value)
+    except DyvteError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _prefill_tokens(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter("must be >= 0 (0: no bound)")
+    return value or None
 
 
 @main.command("serve", cls=Command)
@@ -359,11 +374,22 @@ from . import settings as _settings  # noqa: E402  (serve defaults; dyvte.serve 
 @click.option("--policy", default="auto", show_default=True,
               help="Default exit policy (requests may pick another with {\"dyvte\": {\"policy\": ...}}).")
 @click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
-@click.option("--max-batch", type=int, default=None, help="Most requests per batch (default: the folder's limit).")
+@click.option("--prune", default=None,
+              help="Default prune spec of requests (divprune:R, fastv:K:R, both comma-joined; requests may pick "
+                   "another with {\"dyvte\": {\"prune\": ...}}).")
+@click.option("--max-batch", type=int, default=None,
+              help="Most requests decoding at once (default: the folder's limit).")
+@click.option("--kv-budget", callback=_size, default=None,
+              help="KV cache bytes running requests may reserve, e.g. 2GiB (default: no limit but --max-batch); "
+                   "more requests wait.")
+@click.option("--prefill-tokens", type=int, callback=_prefill_tokens, default=_settings.SERVE_PREFILL_TOKENS,
+              show_default=True, help="Prefill work per decode step, in prompt tokens through the whole model "
+                                      "(longer prompts are prefilled over several steps; 0: no bound).")
 @click.option("--max-wait-ms", type=float, default=_settings.SERVE_MAX_WAIT_MS, show_default=True,
-              help="How long the oldest request waits for others to batch with.")
+              help="When nothing runs, how long a first request waits for others being received (to prefill "
+                   "them together).")
 @click.option("--max-queue", type=int, default=_settings.SERVE_MAX_QUEUE, show_default=True,
-              help="Most waiting requests; more are answered 503 with Retry-After.")
+              help="Most requests waiting for admission; more are answered 503 with Retry-After.")
 @click.option("--request-timeout", type=float, default=_settings.SERVE_REQUEST_TIMEOUT_S, show_default=True,
               help="Seconds a request may take (queue + generation) before a 504.")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None,
@@ -380,15 +406,16 @@ from . import settings as _settings  # noqa: E402  (serve defaults; dyvte.serve 
 @click.option("--no-verify", is_flag=True, help="Skip the checksum check of the folder's files.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch, max_wait_ms, max_queue,
-              request_timeout, image_root, max_image_bytes, max_image_pixels, max_body_bytes, model_name, threads,
-              no_verify, log_level):
-    """OpenAI-compatible server (/v1/chat/completions, /v1/models, /health, /metrics) with dynamic batching."""
-    from dyvte.serve import ServeSettings, serve
+def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, prune, max_batch, kv_budget, prefill_tokens,
+              max_wait_ms, max_queue, request_timeout, image_root, max_image_bytes, max_image_pixels, max_body_bytes,
+              model_name, threads, no_verify, log_level):
+    """OpenAI-compatible server (/v1/chat/completions, /v1/models, /health, /metrics) with in-flight batching."""
+    from dyvte.serving.server import ServeSettings, serve
 
     serve(ServeSettings(
         engine_dir=engine_dir, backend=backend, host=host, port=port, policy=policy, gate_threshold=gate_threshold,
-        max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout,
+        prune=prune, max_batch=max_batch, kv_budget=kv_budget, prefill_tokens=prefill_tokens,
+        max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=request_timeout,
         image_root=image_root, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
         max_body_bytes=max_body_bytes, model_name=model_name, threads=threads, verify=not no_verify,
         log_level=log_level))
@@ -403,24 +430,31 @@ def serve_cmd(engine_dir, backend, host, port, policy, gate_threshold, max_batch
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="instance_group kind (KIND_CPU / KIND_GPU).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
-@click.option("--max-batch", type=int, default=None, help="max_batch_size (default: the folder's limit).")
+@click.option("--max-batch", type=int, default=None,
+              help="max_batch_size: most requests Triton hands over at once (default: the folder's limit).")
 @click.option("--max-queue-delay-us", type=int, default=5000, show_default=True,
               help="dynamic_batching max_queue_delay_microseconds.")
 @click.option("--policy", default="auto", show_default=True, help="Exit policy of every request.")
 @click.option("--gate-threshold", type=float, default=DEFAULT_GATE_THRESHOLD, show_default=True)
+@click.option("--prune", default=None, help="Default prune spec (a request's PRUNE input overrides it).")
+@click.option("--kv-budget", callback=_size, default=None,
+              help="KV cache bytes per model instance, e.g. 2GiB (default: no limit but the folder's batch limit).")
+@click.option("--prefill-tokens", type=int, callback=_prefill_tokens, default=_settings.SERVE_PREFILL_TOKENS,
+              show_default=True, help="Prefill work per decode step, in prompt tokens through the whole model.")
 @click.option("--env", "env", type=click.Path(path_type=Path), default=None,
               help="Python environment with dyvte for the python backend (EXECUTION_ENV_PATH).")
 @click.option("--copy-engine", is_flag=True, help="Copy the engine folder into the repository (else an absolute path).")
 @click.option("--overwrite", is_flag=True, help="Replace the model folder if it exists.")
 def triton_repo_cmd(engine_dir, out, model_name, backend, kind, instances, max_batch, max_queue_delay_us, policy,
-                    gate_threshold, env, copy_engine, overwrite):
-    """Write a Triton model repository (python backend wrapping the Pipeline, dynamic batching)."""
-    from dyvte.triton_repo import TritonRepoSettings, write_triton_repo
+                    gate_threshold, prune, kv_budget, prefill_tokens, env, copy_engine, overwrite):
+    """Write a Triton model repository (python backend over dyvte's in-flight batching worker)."""
+    from dyvte.serving.triton import TritonRepoSettings, write_triton_repo
 
     path = write_triton_repo(TritonRepoSettings(
         engine_dir=engine_dir, out=out, model_name=model_name, backend=backend, kind=kind, instances=instances,
         max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, policy=policy, gate_threshold=gate_threshold,
-        env=env, copy_engine=copy_engine, overwrite=overwrite))
+        prune=prune, kv_budget=kv_budget, prefill_tokens=prefill_tokens or 0, env=env, copy_engine=copy_engine,
+        overwrite=overwrite))
     click.echo(f"triton model written: {path}")
 
 

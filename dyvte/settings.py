@@ -46,8 +46,14 @@ DEFAULT_CACHE_POOL_BYTES = 4 << 30
 #: dyvte serve (README "Serving").
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
-SERVE_MAX_WAIT_MS = 10.0  # how long the oldest request waits for others to batch with
-SERVE_MAX_QUEUE = 64  # requests waiting beyond the running batch; more get 503
+SERVE_MAX_WAIT_MS = 10.0  # when idle, how long a first request waits for others being received
+SERVE_MAX_QUEUE = 64  # requests waiting for admission; more get 503
+#: Prefill work per scheduler step, in prompt tokens through every layer (runtime/scheduler.py):
+#: a step never runs more prefill than this many tokens' worth unless one segment of one prompt
+#: is larger. 2,048 fits three LLaVA-1.5 prompts (576 visual tokens each) per step and splits a
+#: LLaVA-NeXT prompt (up to 2,928 visual tokens) over two, so a decoding row waits at most about
+#: one such prefill between two of its tokens.
+SERVE_PREFILL_TOKENS = 2048
 SERVE_REQUEST_TIMEOUT_S = 120.0  # queue + generation; then 504
 MAX_IMAGE_BYTES = 10 << 20  # 10 MiB per encoded image (serve, Triton)
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked before decoding (serve, Triton)

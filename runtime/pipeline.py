@@ -6,8 +6,10 @@
 
 A ``Pipeline`` may be shared by threads on every backend: requests run through the runner one
 batch at a time (a lock), so concurrent calls never see each other's state and answer as they
-would alone. Calls that should share a batch are batched by the caller (:meth:`Pipeline.run`
-with several :class:`Request` objects, as ``dyvte serve`` does).
+would alone. Calls that should share a batch are batched by the caller: :meth:`Pipeline.run`
+with several :class:`Request` objects, or a step-level :meth:`Pipeline.scheduler` that requests
+join and leave at every decode step (as ``dyvte serve`` and the Triton model do, see
+:mod:`dyvte.serving`).
 """
 
 from __future__ import annotations
@@ -299,14 +301,22 @@ class Pipeline:
         spec = parse_prune(prune, self.num_layers, set(self.manifest.boundaries))
         return RowPlan(pol, float(gate_threshold), spec)
 
-    def scheduler(self):
+    def scheduler(self, max_batch: int | None = None, kv_budget: int | None = None,
+                  prefill_tokens: int | None = None):
         """A step-level :class:`~dyvte.runtime.scheduler.Scheduler` over this pipeline's runner (in-flight
-        batching; the caller drives it, holding :attr:`lock` around each step when threads share the pipeline)."""
+        batching; the caller drives it, holding :attr:`lock` around each step when threads share the pipeline).
+        ``max_batch``: most rows at once (default and most: the runner's limit); ``kv_budget``: KV cache bytes
+        admitted rows may reserve; ``prefill_tokens``: bound on prefill work per step (see the scheduler's
+        module docstring)."""
         from .scheduler import Scheduler
 
-        m = self.manifest.model
-        return Scheduler(self.dispatcher, m["eos_token_ids"], self.runner.limits["max_batch"], m["image_token_id"],
-                         self.family, self.vision_meta)
+        m, limit = self.manifest.model, self.runner.limits["max_batch"]
+        max_batch = limit if max_batch is None else max_batch
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= limit:
+            raise InputError(f"max_batch must be in [1, {limit}] (this engine folder's limit with backend "
+                             f"{self.backend}), got {max_batch}")
+        return Scheduler(self.dispatcher, m["eos_token_ids"], max_batch, m["image_token_id"], self.family,
+                         self.vision_meta, kv_budget, prefill_tokens)
 
     def sequence(self, request: Request, plan: RowPlan, return_logits: bool = False, on_token=None, index: int = 0):
         """A checked :class:`~dyvte.runtime.scheduler.Sequence` for the scheduler (raises one-line

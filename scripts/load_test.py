@@ -1,16 +1,31 @@
-"""Load test of ``dyvte serve`` on loopback: serial vs N concurrent clients, answers checked.
+"""Load test of ``dyvte serve`` on loopback: latency of short requests under long ones, throughput
+of concurrent clients against serial, every answer checked.
 
-    python scripts/load_test.py --engine-dir /tmp/demo-eng --clients 8 --requests 8
+    python scripts/load_test.py --engine-dir /tmp/demo-eng
+    python scripts/load_test.py --random-llava /tmp/rand8-eng     # builds it first if missing
 
-Starts ``dyvte serve`` on 127.0.0.1 (or uses ``--url``, which must be a loopback address),
-builds a mixed workload (synthetic scenes and questions of the demo data, different
-max_tokens, some streamed, some with a system message; greedy, so answers are deterministic),
-computes every answer with a single ``Pipeline.run`` in this process as the reference, then
-times the same requests sent one at a time (serial) and by ``--clients`` concurrent clients
-(``--requests`` each). Prints a table: requests, wall time, throughput, p50/p99 latency, wrong
-answers (against the single runs), errors; the concurrent/serial throughput ratio and the mean
-batch size the server formed (from /metrics). Bounded: a fixed number of requests, and no new
-request after ``--time-limit`` seconds.
+Starts ``dyvte serve`` on 127.0.0.1 (or uses ``--url``, which must be a loopback address) and
+builds a workload of synthetic scenes and questions (the demo data; some requests streamed, some
+with a system message; greedy, so answers are deterministic). Every distinct request is answered
+once by a single ``Pipeline.run`` in this process, the reference every server answer is compared
+with (a mismatch is a wrong answer). Four modes, alternated for ``--rounds`` rounds so that drift
+of a shared machine hits them alike:
+
+* ``serial``: one client, mixed lengths (max_tokens 2 ... --long-tokens), one request at a time;
+* ``concurrent``: ``--clients`` clients x ``--requests`` requests of the same mix;
+* ``short alone``: one client sending ``--short-requests`` short requests (--short-tokens);
+* ``short + N long``: the same short client while ``--long-clients`` clients keep long requests
+  (--long-tokens) running.
+
+Prints the table (requests, wall time, throughput, p50/p99 latency, tokens per scheduler step from
+/metrics, wrong answers, errors) and the ratios the README quotes: concurrent / serial throughput
+and short p50 (and p99) under load / alone. Exit status 1 on any wrong answer or error. Bounded:
+a fixed number of requests, and no new one after ``--time-limit`` seconds.
+
+``--random-llava DIR`` serves a random-weight 8-layer LLaVA of the demo's shape (d = 128, GQA 4/2,
+96 px images of 36 visual tokens, random gates, so rows exit at different layers), built offline
+into DIR the first time (about a minute): its answers run to max_tokens, unlike the trained demo
+model's, which stop after a few words.
 """
 
 from __future__ import annotations
@@ -46,12 +61,37 @@ def check_loopback(url: str) -> None:
         sys.exit(f"error: --url must point at a loopback address (127.0.0.0/8, ::1, localhost), got {host!r}")
 
 
-def workload(n: int, max_new_limit: int, seed: int = 7) -> list[dict]:
-    """``n`` mixed chat requests (OpenAI bodies) over synthetic scenes."""
+def build_random_llava(out: Path, seed: int = 0) -> Path:
+    """A random-weight 8-layer LLaVA of the demo's shape, with random gates, exported to ``out``."""
+    import tempfile
+
+    import torch
+
+    from dyvte.exporter import ExportSettings, export
+    from dyvte.gates import save_gates
+    from dyvte.synth import CELL, IMAGE_SIZE, vocabulary
+    from dyvte.tiny import TinyLlavaSpec, build_tiny_llava
+
+    spec = TinyLlavaSpec(hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=352,
+                         vision_hidden_size=96, vision_layers=3, vision_heads=4, vision_intermediate_size=192,
+                         image_size=IMAGE_SIZE, patch_size=CELL, words=tuple(vocabulary()), max_position_embeddings=256)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_llava(spec, Path(tmp) / "hf", seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        gates = {k: (torch.randn(64, 2 * spec.hidden_size, generator=g) * 0.5, torch.randn(2, 64, generator=g) * 2.0)
+                 for k in range(1, spec.num_layers)}
+        save_gates(Path(tmp) / "gates.safetensors", gates)
+        print(f"building a random 8-layer LLaVA into {out} ...", file=sys.stderr)
+        export(ExportSettings(out=out, model=str(model), gates=Path(tmp) / "gates.safetensors", progress=False))
+    return out
+
+
+def workload(n: int, tokens: list[int], seed: int = 7, policies: list[str] | None = None) -> list[dict]:
+    """``n`` chat requests (OpenAI bodies) over synthetic scenes, max_tokens cycling through
+    ``tokens`` and, when given, exit policies through ``policies`` (``{"dyvte": {"policy": ...}}``)."""
     from dyvte.synth import make_dialogue
 
     items = []
-    token_choices = [t for t in (2, 4, 8, 16) if t <= max_new_limit] or [max_new_limit]
     for i in range(n):
         samples = make_dialogue(seed, i, 2)
         buf = io.BytesIO()
@@ -62,8 +102,10 @@ def workload(n: int, max_new_limit: int, seed: int = 7) -> list[dict]:
                                                  {"type": "text", "text": question}]}]
         if i % 5 == 3:
             messages.insert(0, {"role": "system", "content": "answer with one word ."})
-        items.append({"messages": messages, "max_tokens": token_choices[i % len(token_choices)],
-                      "temperature": 0, "stream": i % 4 == 1})
+        items.append({"messages": messages, "max_tokens": tokens[i % len(tokens)], "temperature": 0,
+                      "stream": i % 4 == 1})
+        if policies:
+            items[-1]["dyvte"] = {"policy": policies[(i + seed) % len(policies)]}
     return items
 
 
@@ -92,15 +134,15 @@ def references(engine_dir: str, backend: str, policy: str, items: list[dict]) ->
     from dyvte.runtime import Pipeline
 
     with Pipeline.load(engine_dir, backend=backend) as pipe:
-        return [pipe.run([pipe.encode_chat(to_pipeline_messages(it["messages"]), it["max_tokens"])], policy)[0].text
-                for it in items]
+        return [pipe.run([pipe.encode_chat(to_pipeline_messages(it["messages"]), it["max_tokens"])],
+                         it.get("dyvte", {}).get("policy", policy))[0].text for it in items]
 
 
 class Client:
     """One keep-alive HTTP/1.1 connection (the standard library's: a light load generator, so
     that the clients' own CPU use, on the same machine, disturbs the server little)."""
 
-    def __init__(self, url: str, timeout: float = 120.0):
+    def __init__(self, url: str, timeout: float = 300.0):
         import http.client
 
         u = urlparse(url)
@@ -131,41 +173,73 @@ class Client:
         self.conn.close()
 
 
-def run_phase(url: str, items: list[dict], refs: list[str], clients: int, per_client: int, deadline: float) -> dict:
-    """``clients`` threads each sending ``per_client`` requests back to back."""
-    lat, wrong, errors, lock = [], [], [], threading.Lock()
+class Tally:
+    """Latencies, wrong answers and errors of one mode (thread-safe)."""
 
-    def client_loop(c: int):
+    def __init__(self):
+        self.lat, self.wrong, self.errors, self.lock = [], [], [], threading.Lock()
+
+    def ask(self, client: Client, url: str, item: dict, ref: str) -> Client:
+        """One request through ``client`` (replaced by a new connection after an error)."""
+        try:
+            text, dt = client.ask(item)
+        except Exception as exc:  # counted, reported
+            with self.lock:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            client.close()
+            return Client(url)
+        with self.lock:
+            self.lat.append(dt)
+            if text != ref:
+                self.wrong.append((item["max_tokens"], text, ref))
+        return client
+
+
+def run_clients(url: str, jobs: list[list[tuple[dict, str]]], deadline: float, tally: Tally) -> float:
+    """One thread per list of (request, reference), each sent back to back; wall seconds."""
+    def loop(mine):
         client = Client(url)
         try:
-            for j in range(per_client):
+            for item, ref in mine:
                 if time.monotonic() > deadline:
                     return
-                k = (c * per_client + j) % len(items)
-                try:
-                    text, dt = client.ask(items[k])
-                except Exception as exc:  # counted, reported; a new connection for the next one
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-                    client.close()
-                    client = Client(url)
-                    continue
-                with lock:
-                    lat.append(dt)
-                    if text != refs[k]:
-                        wrong.append((k, text, refs[k]))
+                client = tally.ask(client, url, item, ref)
         finally:
             client.close()
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=loop, args=(j,)) for j in jobs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": len(lat) + len(errors), "wall_s": wall, "latencies": lat,
-            "wrong": len(wrong), "errors": len(errors), "wrong_examples": wrong[:3], "error_examples": errors[:3]}
+    return time.perf_counter() - t0
+
+
+def run_under_load(url: str, shorts: list[tuple[dict, str]], longs: list[tuple[dict, str]], n_long: int,
+                   deadline: float, tally: Tally, long_tally: Tally) -> float:
+    """The short client's requests while ``n_long`` clients keep long requests running."""
+    stop = threading.Event()
+
+    def long_loop(c: int):
+        client, k = Client(url), c
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                item, ref = longs[k % len(longs)]
+                client = long_tally.ask(client, url, item, ref)
+                k += n_long
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=long_loop, args=(c,)) for c in range(n_long)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the long requests are running
+    wall = run_clients(url, [shorts], deadline, tally)
+    stop.set()
+    for t in threads:
+        t.join()
+    return wall
 
 
 def percentile(sorted_values: list, p: float) -> float:
@@ -175,14 +249,14 @@ def percentile(sorted_values: list, p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))] * 1000
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(batches run, requests in them) from the server's /metrics."""
+def step_stats(url: str) -> tuple[float, float]:
+    """(scheduler steps, tokens generated in them) from the server's /metrics."""
     vals = {}
     for line in get(url + "/metrics")[1].splitlines():
-        if line.startswith(("dyvte_batch_size_count", "dyvte_batch_size_sum")):
+        if line.startswith(("dyvte_step_tokens_count", "dyvte_step_tokens_sum")):
             name, v = line.split()
             vals[name] = float(v)
-    return vals.get("dyvte_batch_size_count", 0.0), vals.get("dyvte_batch_size_sum", 0.0)
+    return vals.get("dyvte_step_tokens_count", 0.0), vals.get("dyvte_step_tokens_sum", 0.0)
 
 
 def get(url: str) -> tuple[int, str]:
@@ -197,15 +271,14 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "dyvte.cli", "serve", "--engine-dir", args.engine_dir, "--port", str(port),
            "--host", "127.0.0.1", "--backend", args.backend, "--policy", args.policy, "--max-wait-ms",
-           str(max_wait_ms), "--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if args.max_batch:
-        cmd += ["--max-batch", str(args.max_batch)]
+           str(args.max_wait_ms), "--log-level", "warning", "--max-queue", str(max(64, args.clients * 2))]
+    for flag in ("threads", "max_batch", "kv_budget", "prefill_tokens"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     t_end = time.monotonic() + 180
@@ -224,100 +297,154 @@ def start_server(args, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine-dir", required=True, help="engine folder (served, and used for the reference answers)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--engine-dir", help="engine folder (served, and used for the reference answers)")
+    src.add_argument("--random-llava", metavar="DIR", help="serve a random 8-layer LLaVA, built into DIR if missing")
     ap.add_argument("--url", default=None, help="an already running server on loopback (default: start one)")
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--policy", default="auto")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--policy", default="auto", help="the started server's default exit policy")
+    ap.add_argument("--policies", default=None,
+                    help="exit policies the requests choose in turn (comma-separated, e.g. never,gate,layer:2,layer:5: "
+                         "rows exiting at different layers share the batch); default: the server's")
+    ap.add_argument("--clients", type=int, default=8, help="clients of the concurrent mode")
     ap.add_argument("--requests", type=int, default=8, help="requests per concurrent client")
     ap.add_argument("--serial", type=int, default=None, help="serial requests (default: clients x requests / 2)")
+    ap.add_argument("--short-tokens", type=int, default=2, help="max_tokens of short requests")
+    ap.add_argument("--long-tokens", type=int, default=64, help="max_tokens of long requests (and the mix's longest)")
+    ap.add_argument("--long-clients", type=int, default=3, help="clients keeping long requests running")
+    ap.add_argument("--short-requests", type=int, default=16, help="short requests per latency mode")
     ap.add_argument("--distinct", type=int, default=32, help="distinct requests in the workload")
-    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batching window of the concurrent phase")
-    ap.add_argument("--threads", type=int, default=None, help="the started servers' ONNX Runtime threads")
-    ap.add_argument("--max-batch", type=int, default=None, help="the started servers' --max-batch")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the started server's --max-wait-ms")
+    ap.add_argument("--threads", type=int, default=None, help="the started server's ONNX Runtime threads")
+    ap.add_argument("--max-batch", type=int, default=None, help="the started server's --max-batch")
+    ap.add_argument("--kv-budget", default=None, help="the started server's --kv-budget")
+    ap.add_argument("--prefill-tokens", type=int, default=None, help="the started server's --prefill-tokens")
+    ap.add_argument("--modes", default="serial,concurrent,short,loaded",
+                    help="which modes to run (comma-separated: serial, concurrent, short, loaded)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every mode, alternated")
-    ap.add_argument("--time-limit", type=float, default=600.0, help="no new request after this many seconds")
+    ap.add_argument("--time-limit", type=float, default=900.0, help="no new request after this many seconds")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    if min(args.clients, args.requests, args.distinct, args.rounds) < 1:
-        sys.exit("error: --clients, --requests, --distinct and --rounds must be >= 1")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(modes) - {"serial", "concurrent", "short", "loaded"} or not modes:
+        sys.exit("error: --modes takes serial, concurrent, short and loaded, comma-separated")
+    if min(args.clients, args.requests, args.distinct, args.rounds, args.short_requests, args.long_clients,
+           args.short_tokens, args.long_tokens) < 1:
+        sys.exit("error: counts and token limits must be >= 1")
     if args.url:
         check_loopback(args.url)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.random_llava:
+        out = Path(args.random_llava)
+        if not (out / "manifest.json").is_file():
+            build_random_llava(out)
+        args.engine_dir = str(out)
 
     from dyvte.engines.manifest import Manifest
 
     manifest = Manifest.load(args.engine_dir, verify=False)
+    limit = int(manifest.data["limits"]["max_new_tokens"])
+    short_n, long_n = min(args.short_tokens, limit), min(args.long_tokens, limit)
+    mix = sorted({min(t, long_n) for t in (2, 4, 8, 16, 32, 64, long_n)})
     t_start, load0 = time.monotonic(), os.getloadavg()[0]
-    items = workload(args.distinct, int(manifest.data["limits"]["max_new_tokens"]))
+    d = args.distinct
+    pols = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None
+    items = workload(d, mix, 7, pols) + workload(d, [short_n], 8, pols) + workload(d, [long_n], 9, pols)
+    print(f"computing {len(items)} reference answers ...", file=sys.stderr)
     refs = references(args.engine_dir, args.backend, args.policy, items)
+    pairs = list(zip(items, refs))
+    mixed, shorts, longs = pairs[:d], pairs[d: 2 * d], pairs[2 * d:]
     deadline = t_start + args.time_limit
     n_serial = args.serial or max(1, args.clients * args.requests // 2)
-    # modes: (name, batching window, clients, requests per client). Serial runs without a window
-    # too (its best case); the ratio is taken against the better serial mode. Rounds alternate
-    # the modes so that drift of a shared machine hits them alike.
-    modes = [("serial", 0.0, 1, n_serial), ("serial", args.max_wait_ms, 1, n_serial),
-             ("concurrent", args.max_wait_ms, args.clients, args.requests)]
-    if args.url or args.max_wait_ms == 0:  # one server: its own window
-        modes = modes[1:]
-    servers, procs = {}, []
+    proc = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        proc, url = start_server(args)
+    names = {"serial": "serial", "concurrent": "concurrent", "short": "short alone",
+             "loaded": f"short + {args.long_clients} long"}
+    tallies = {m: Tally() for m in modes}
+    long_tally = Tally()
+    walls = {m: 0.0 for m in modes}
+    steps = {m: [0.0, 0.0] for m in modes}
     try:
-        for window in dict.fromkeys(m[1] for m in modes):
-            if args.url:
-                servers[window] = args.url.rstrip("/")
-            else:
-                proc, servers[window] = start_server(args, window)
-                procs.append(proc)
-            run_phase(servers[window], items, refs, 1, min(4, len(items)), deadline)  # warm-up
-        parts = {i: [] for i in range(len(modes))}
-        for _ in range(args.rounds):
-            for i, (name, window, clients, per_client) in enumerate(modes):
-                b0, r0 = batch_stats(servers[window])
-                r = run_phase(servers[window], items, refs, clients, per_client, deadline)
-                b1, r1 = batch_stats(servers[window])
-                parts[i].append((r, b1 - b0, r1 - r0))
+        run_clients(url, [mixed[:4]], deadline, Tally())  # warm-up
+        for r in range(args.rounds):
+            for m in modes:
+                s0, t0 = step_stats(url)
+                if m == "serial":
+                    jobs = [[mixed[(r * n_serial + k) % d] for k in range(n_serial)]]
+                elif m == "concurrent":
+                    jobs = [[mixed[(c * args.requests + k) % d] for k in range(args.requests)]
+                            for c in range(args.clients)]
+                elif m == "short":
+                    jobs = [[shorts[(r * args.short_requests + k) % d] for k in range(args.short_requests)]]
+                if m == "loaded":
+                    walls[m] += run_under_load(url, [shorts[(r * args.short_requests + k) % d]
+                                                     for k in range(args.short_requests)],
+                                               longs, args.long_clients, deadline, tallies[m], long_tally)
+                else:
+                    walls[m] += run_clients(url, jobs, deadline, tallies[m])
+                s1, t1 = step_stats(url)
+                steps[m][0] += s1 - s0
+                steps[m][1] += t1 - t0
     finally:
-        for proc in procs:
+        if proc is not None:
             proc.terminate()
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
     rows = []
-    for i, (name, window, clients, _) in enumerate(modes):
-        rs = [p[0] for p in parts[i]]
-        lat = sorted(x for r in rs for x in r["latencies"])
-        wall = sum(r["wall_s"] for r in rs)
-        batches, in_batches = sum(p[1] for p in parts[i]), sum(p[2] for p in parts[i])
-        rows.append({"name": name, "max_wait_ms": None if args.url else window, "clients": clients,
-                     "requests": sum(r["requests"] for r in rs), "wall_s": wall,
-                     "req_per_s": len(lat) / wall if wall else 0.0, "p50_ms": percentile(lat, 50),
-                     "p99_ms": percentile(lat, 99), "mean_batch": in_batches / batches if batches else float("nan"),
-                     "wrong": sum(r["wrong"] for r in rs), "errors": sum(r["errors"] for r in rs),
-                     "wrong_examples": [w for r in rs for w in r["wrong_examples"]][:3],
-                     "error_examples": [e for r in rs for e in r["error_examples"]][:3]})
-    best_serial = max((r["req_per_s"] for r in rows if r["name"] == "serial"), default=0.0)
-    conc = rows[-1]
-    ratio = conc["req_per_s"] / best_serial if best_serial else float("nan")
-    threads = f", {args.threads} ONNX Runtime threads" if args.threads else ""
-    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}{threads}, policy {args.policy}, "
-          f"{args.distinct} distinct requests, {args.rounds} alternated rounds, {os.cpu_count()} CPUs, "
-          f"{time.strftime('%Y-%m-%d')}, 1-min load average before/after {load0:.2f}/{os.getloadavg()[0]:.2f}")
-    print(f"{'mode':<11}{'wait ms':>8}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'batch':>7}{'wrong':>6}{'errors':>7}")
+    for m in modes:
+        t = tallies[m]
+        lat = sorted(t.lat)
+        clients = {"serial": 1, "concurrent": args.clients, "short": 1, "loaded": 1 + args.long_clients}[m]
+        rows.append({"name": names[m], "clients": clients, "requests": len(t.lat) + len(t.errors),
+                     "wall_s": walls[m], "req_per_s": len(lat) / walls[m] if walls[m] else 0.0,
+                     "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+                     "tokens_per_step": steps[m][1] / steps[m][0] if steps[m][0] else float("nan"),
+                     "wrong": len(t.wrong), "errors": len(t.errors),
+                     "wrong_examples": t.wrong[:3], "error_examples": t.errors[:3]})
+    by = {r["name"]: r for r in rows}
+    ratios = {}
+    if "serial" in by and "concurrent" in by and by["serial"]["req_per_s"]:
+        ratios["throughput (concurrent / serial)"] = by["concurrent"]["req_per_s"] / by["serial"]["req_per_s"]
+    if "short alone" in by and names["loaded"] in by:
+        ratios["short p50 (under load / alone)"] = by[names["loaded"]]["p50_ms"] / by["short alone"]["p50_ms"]
+        ratios["short p99 (under load / alone)"] = by[names["loaded"]]["p99_ms"] / by["short alone"]["p99_ms"]
+    wrong_long, errors_long = len(long_tally.wrong), len(long_tally.errors)
+    extras = [f"{k}: {v}" for k, v in (("threads", args.threads), ("max batch", args.max_batch),
+                                        ("kv budget", args.kv_budget), ("prefill tokens", args.prefill_tokens))
+              if v is not None]
+    print(f"load test: {Path(args.engine_dir).name}, backend {args.backend}, policy "
+          f"{args.policies if args.policies else args.policy}"
+          f"{', ' + ', '.join(extras) if extras else ''}; max_tokens short {short_n}, long {long_n}, mix "
+          f"{'/'.join(map(str, mix))}; {d} distinct requests per kind, {args.rounds} alternated rounds, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, 1-min load average before/after "
+          f"{load0:.2f}/{os.getloadavg()[0]:.2f}")
+    print(f"{'mode':<16}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'tok/step':>9}{'wrong':>6}{'errors':>7}")
     for r in rows:
-        wait = "-" if r["max_wait_ms"] is None else f"{r['max_wait_ms']:g}"
-        print(f"{r['name']:<11}{wait:>8}{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['req_per_s']:>8.1f}"
-              f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['mean_batch']:>7.2f}{r['wrong']:>6}{r['errors']:>7}")
-    print(f"throughput ratio (concurrent / best serial): {ratio:.2f}")
+        print(f"{r['name']:<16}{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['req_per_s']:>8.1f}"
+              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['tokens_per_step']:>9.2f}{r['wrong']:>6}{r['errors']:>7}")
+    if "loaded" in modes:
+        print(f"(the long clients' own requests: {len(long_tally.lat)} answered, {wrong_long} wrong, "
+              f"{errors_long} errors)")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
     for r in rows:
-        for k, got, want in r["wrong_examples"]:
-            print(f"  wrong answer to request {k}: {got!r}, single run gave {want!r}")
+        for n, got, want in r["wrong_examples"]:
+            print(f"  wrong answer ({r['name']}, max_tokens {n}): {got!r}, single run gave {want!r}")
         for e in r["error_examples"]:
-            print(f"  error: {e}")
+            print(f"  error ({r['name']}): {e}")
+    for n, got, want in long_tally.wrong[:3]:
+        print(f"  wrong answer (long, max_tokens {n}): {got!r}, single run gave {want!r}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2, default=str))
-    return 1 if any(r["wrong"] or r["errors"] for r in rows) else 0
+        Path(args.json).write_text(json.dumps({"rows": rows, "ratios": ratios, "long": {
+            "answered": len(long_tally.lat), "wrong": wrong_long, "errors": errors_long}}, indent=2, default=str))
+    bad = any(r["wrong"] or r["errors"] for r in rows) or wrong_long or errors_long
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

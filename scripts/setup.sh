@@ -18,7 +18,7 @@ if [ "${1:-}" = "--triton" ]; then
   [ -x .venv/triton/bin/python ] || "$PY" -m venv .venv/triton
   .venv/triton/bin/python -m pip install -q --upgrade pip
   .venv/triton/bin/python -m pip install -q torch==2.13.0 "${torch_args[@]}"
-  mapfile -t reqs < <(.venv/bin/python -c "from dyvte.triton_repo import env_requirements; print(*env_requirements(), sep='\n')")
+  mapfile -t reqs < <(.venv/bin/python -c "from dyvte.serving.triton import env_requirements; print(*env_requirements(), sep='\n')")
   .venv/triton/bin/python -m pip install -q "${reqs[@]}"
   .venv/triton/bin/python -m pip install -q --no-deps -e .
 fi

@@ -1,4 +1,4 @@
-"""``dyvte serve``: OpenAI-compatible answers, dynamic batching, errors, limits, shutdown.
+"""``dyvte serve``: OpenAI-compatible answers, in-flight batching, errors, limits, shutdown.
 
 Real uvicorn servers on 127.0.0.1 (random free ports) over the tiny Llama engine folder, queried
 with the ``openai`` package (and httpx for what that client cannot send).
@@ -37,7 +37,7 @@ class ServerThread:
     def __init__(self, pipe, **settings):
         import uvicorn
 
-        from dyvte.serve import ServeSettings, create_app
+        from dyvte.serving.server import ServeSettings, create_app
 
         self.port = free_port()
         self.settings = ServeSettings(pipe.manifest.root, port=self.port, **settings)
@@ -62,17 +62,31 @@ class ServerThread:
 
 
 class SlowPipe:
-    """The real pipeline, with each batch delayed (to hold the worker busy deterministically)."""
+    """The real pipeline, with each scheduler step delayed (to hold the worker busy
+    deterministically); ``added`` records every sequence handed to its schedulers."""
 
     def __init__(self, pipe, delay: float):
-        self._pipe, self._delay = pipe, delay
+        self._pipe, self._delay, self.added, self.schedulers = pipe, delay, [], []
 
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
-    def run(self, *args, **kwargs):
-        time.sleep(self._delay)
-        return self._pipe.run(*args, **kwargs)
+    def scheduler(self, *args, **kwargs):
+        sched = self._pipe.scheduler(*args, **kwargs)
+        step, add = sched.step, sched.add
+
+        def slow_step():  # admits first, then holds the worker
+            finished = step()
+            time.sleep(self._delay)
+            return finished
+
+        def recording_add(seq):
+            self.added.append(seq)
+            return add(seq)
+
+        sched.step, sched.add = slow_step, recording_add
+        self.schedulers.append(sched)
+        return sched
 
 
 def png_bytes(img) -> bytes:
@@ -92,10 +106,10 @@ def user(question: str, img=None, url: str | None = None) -> list:
     return [{"role": "user", "content": parts}]
 
 
-def alone(pipe, question, img, max_tokens, policy="gate", **sampling):
+def alone(pipe, question, img, max_tokens, policy="gate", prune=None, **sampling):
     """The Pipeline's answer to one request run alone."""
     messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
-    return pipe.run([pipe.encode_chat(messages, max_tokens, **sampling)], policy)[0]
+    return pipe.run([pipe.encode_chat(messages, max_tokens, **sampling)], policy, prune=prune)[0]
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +262,11 @@ def test_models_health_and_metrics(server, llama):
     for metric in ("dyvte_requests_total{status=\"200\"}", "dyvte_requests_total{status=\"400\"}",
                    "dyvte_request_errors_total{code=", "dyvte_request_duration_seconds_bucket",
                    "dyvte_queue_wait_seconds_bucket", "dyvte_prompt_tokens_total", "dyvte_generated_tokens_total",
-                   "dyvte_exit_layer_bucket{le=\"0.0\",policy=\"gate\"}", "dyvte_batch_size_bucket{le=\"1.0\"}",
-                   "dyvte_batch_duration_seconds_bucket", "dyvte_queue_depth", "dyvte_requests_in_flight",
+                   "dyvte_exit_layer_bucket{le=\"0.0\",policy=\"gate\"}", "dyvte_step_tokens_bucket{le=\"1.0\"}",
+                   "dyvte_step_duration_seconds_bucket", "dyvte_queue_depth", "dyvte_requests_in_flight",
+                   "dyvte_rows{state=\"running\"}", "dyvte_rows{state=\"waiting\"}", "dyvte_rows{state=\"prefilling\"}",
+                   "dyvte_kv_cache_bytes{kind=\"held\"}", "dyvte_kv_cache_bytes{kind=\"reserved\"}",
+                   "dyvte_kv_cache_bytes{kind=\"budget\"}",
                    "dyvte_time_to_first_token_seconds_bucket"):
         assert metric in text, metric
     generated = [float(line.split()[1]) for line in text.splitlines() if line.startswith("dyvte_generated_tokens_total")]
@@ -408,7 +425,7 @@ def _wait(cond, timeout=20.0):
 
 
 def test_text_tracker_streams_only_final_text():
-    from dyvte.batching import TextTracker
+    from dyvte.serving.worker import TextTracker
 
     words = {1: "hello", 2: "wor", 3: "ld", 4: "STOP", 5: "more"}
     decode = lambda toks: " ".join(words[t] for t in toks).replace("wor ld", "world")  # noqa: E731
@@ -429,7 +446,7 @@ def test_text_tracker_streams_only_final_text():
 
 
 def test_parse_chat_request_options():
-    from dyvte.serve import RequestError, ServeSettings, parse_chat_request
+    from dyvte.serving.server import RequestError, ServeSettings, parse_chat_request
 
     s = ServeSettings(Path("."))
     msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -451,7 +468,7 @@ def test_parse_chat_request_options():
 
 def test_imports_stay_light_and_cli_help():
     code = (
-        "import sys, dyvte.cli, dyvte.serve, dyvte.batching, dyvte.triton_repo\n"
+        "import sys, dyvte.cli, dyvte.serving, dyvte.serving.server, dyvte.serving.worker, dyvte.serving.triton\n"
         "from click.testing import CliRunner\n"
         "from dyvte.cli import main\n"
         "for cmd in ('serve', 'triton-repo'):\n"
@@ -474,12 +491,13 @@ def test_serve_cli_errors_are_one_line(tmp_path):
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(llama, pipelines):
-    """SIGTERM while a request waits for its batch: it is answered, then the server exits 0."""
+    """SIGTERM while a request waits to be prefilled with one still being received: both are
+    answered, then the server exits 0."""
     import httpx
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dyvte.cli", "serve", "--engine-dir", str(llama.engine_dir),
-                             "--port", str(port), "--max-wait-ms", "1500", "--log-level", "warning"],
+                             "--port", str(port), "--max-wait-ms", "3000", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -491,15 +509,31 @@ def test_graceful_shutdown_finishes_requests_in_flight(llama, pipelines):
                 return False
 
         _wait(healthy, 120)
-        img = make_image(6)
-        body = {"messages": user(QUESTIONS[0], img), "max_tokens": 4}
-        with ThreadPoolExecutor(1) as ex:
-            pending = ex.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
-            time.sleep(0.5)  # the request now waits in the 1.5 s batching window
+        images = [make_image(6), make_image(7)]
+        bodies = [json.dumps({"messages": user(QUESTIONS[i], images[i]), "max_tokens": 4}).encode() for i in (0, 1)]
+        signalled = threading.Event()
+
+        def slow_body():  # request 1 is still being received when SIGTERM comes: request 0 waits for it
+            yield bodies[1][:20]
+            signalled.wait(30)
+            time.sleep(0.3)
+            yield bodies[1][20:]
+
+        post = url + "/v1/chat/completions"
+        headers = {"content-type": "application/json"}
+        with ThreadPoolExecutor(2) as ex:
+            second = ex.submit(httpx.post, post, content=slow_body(), headers=headers, timeout=60)
+            time.sleep(0.5)  # its headers are read: the server counts it as arriving
+            first = ex.submit(httpx.post, post, content=bodies[0], headers=headers, timeout=60)
+            _wait(lambda: httpx.get(url + "/health").json()["in_flight"] == 1)  # accepted, waiting for request 1
             proc.send_signal(signal.SIGTERM)
-            r = pending.result()
-        assert r.status_code == 200
-        assert r.json()["choices"][0]["message"]["content"] == alone(pipelines(llama.engine_dir), QUESTIONS[0], img, 4).text
+            signalled.set()
+            answers = [first.result(), second.result()]
+        pipe = pipelines(llama.engine_dir)
+        for i, r in enumerate(answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == alone(pipe, QUESTIONS[i], images[i], 4).text
+        assert answers[0].json()["dyvte"]["batch_size"] == 2  # prefilled together
         assert proc.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=2)
@@ -509,18 +543,22 @@ def test_graceful_shutdown_finishes_requests_in_flight(llama, pipelines):
 
 
 def test_load_test_script(server, llama, tmp_path):
-    """scripts/load_test.py against a running server: no wrong answers, a table."""
+    """scripts/load_test.py against a running server, at a small size: every mode, no wrong
+    answers, the table and the ratios."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
     out = tmp_path / "load.json"
     r = subprocess.run([sys.executable, str(script), "--engine-dir", str(llama.engine_dir), "--url", server.url,
-                        "--clients", "3", "--requests", "2", "--serial", "3", "--distinct", "5",
-                        "--max-wait-ms", "100", "--json", str(out)],
+                        "--clients", "3", "--requests", "2", "--serial", "3", "--distinct", "3", "--short-requests", "3",
+                        "--long-clients", "2", "--long-tokens", "12", "--rounds", "1", "--policies", "never,gate,layer:2",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "throughput ratio" in r.stdout
-    rows = json.loads(out.read_text())["rows"]
-    assert [x["name"] for x in rows] == ["serial", "concurrent"]
+    assert "throughput (concurrent / serial)" in r.stdout and "short p50 (under load / alone)" in r.stdout
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [x["name"] for x in rows] == ["serial", "concurrent", "short alone", "short + 2 long"]
     assert all(x["wrong"] == 0 and x["errors"] == 0 and x["requests"] > 0 for x in rows)
+    assert result["long"]["answered"] > 0 and result["long"]["wrong"] == 0
     r = subprocess.run([sys.executable, str(script), "--engine-dir", str(llama.engine_dir), "--url",
                         "http://10.1.2.3:8000"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "loopback" in r.stderr
@@ -529,9 +567,152 @@ def test_load_test_script(server, llama, tmp_path):
 def test_max_batch_outside_the_folder_limit_is_one_line(llama, pipelines):
     """Checked when the app is made (a one-line error, exit 1), not inside uvicorn's start-up."""
     from dyvte.errors import InputError
-    from dyvte.serve import ServerState, ServeSettings
+    from dyvte.serving.server import ServerState, ServeSettings
 
     pipe = pipelines(llama.engine_dir)
     for bad in (0, pipe.limits["max_batch"] + 1):
         with pytest.raises(InputError, match=r"--max-batch must be in \[1, \d+\]"):
             ServerState(pipe, ServeSettings(pipe.manifest.root, max_batch=bad))
+
+
+def test_requests_join_a_running_batch_and_leave_it(llama, pipelines):
+    """In-flight batching through HTTP: a short request sent while a long one streams joins its
+    batch and is answered long before it; a client that disconnects has its row leave at once."""
+    import httpx
+
+    pipe = pipelines(llama.engine_dir)
+    long_img, short_img = make_image(3), make_image(8)
+    want_long = alone(pipe, QUESTIONS[2], long_img, 32, policy="never")
+    assert len(want_long.token_ids) >= 16, want_long  # a long answer (random weights)
+    slow = SlowPipe(pipe, 0.03)  # every step takes >= 30 ms: the long answer >= 0.5 s
+    srv = ServerThread(slow, max_wait_ms=0)
+    try:
+        post = srv.url + "/v1/chat/completions"
+        long_body = {"messages": user(QUESTIONS[2], long_img), "max_tokens": 32, "stream": True,
+                     "dyvte": {"policy": "never"}}
+        events, text = [], []
+        with httpx.stream("POST", post, json=long_body, timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and '"content": ""' not in line:
+                    break  # the long answer is being generated
+            short = httpx.post(post, json={"messages": user(QUESTIONS[0], short_img), "max_tokens": 2}, timeout=60)
+            events.append("short")
+            for line in lines:
+                if line.startswith("data: {"):
+                    text += [c["delta"].get("content") or "" for c in json.loads(line[6:]).get("choices", [])]
+            events.append("long")
+        assert events == ["short", "long"] and short.status_code == 200
+        assert short.json()["choices"][0]["message"]["content"] == alone(pipe, QUESTIONS[0], short_img, 2).text
+        assert short.json()["dyvte"]["batch_size"] == 2  # decoded together with the long one
+        long_seq = slow.added[0]
+        assert long_seq.finish == want_long.finish_reason and long_seq.tokens == want_long.token_ids
+
+        # a client that goes away mid-stream: its row leaves the batch (cancelled), the rest goes on
+        with httpx.stream("POST", post, json=long_body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content": ""' not in line:
+                    break
+        gone = slow.added[-1]
+        _wait(lambda: gone.finish == "cancelled" and not slow.schedulers[0].running, 10)
+        assert len(gone.tokens) < len(want_long.token_ids)
+        assert gone.tokens == want_long.token_ids[: len(gone.tokens)]
+        assert httpx.get(srv.url + "/health").json()["in_flight"] == 0
+        after = httpx.post(post, json={"messages": user(QUESTIONS[0], short_img), "max_tokens": 2}, timeout=60)
+        assert after.json()["choices"][0]["message"]["content"] == short.json()["choices"][0]["message"]["content"]
+    finally:
+        srv.stop()
+
+
+def test_prune_per_request_and_server_default(server, llama, pipelines):
+    import openai
+
+    from dyvte.errors import InputError
+    from dyvte.serving.server import ServerState, ServeSettings, parse_chat_request
+
+    pipe = pipelines(llama.engine_dir)
+    client = server.client()
+    name = server.app.state.dyvte.model_name
+    img = make_image(9)
+    for spec in ("divprune:0.5", "fastv:2:0.6", "divprune:0.3,fastv:1:0.5"):
+        r = client.chat.completions.create(model=name, messages=user(QUESTIONS[1], img), max_tokens=6,
+                                           extra_body={"dyvte": {"prune": spec, "policy": "never"}})
+        want = alone(pipe, QUESTIONS[1], img, 6, "never", prune=spec)
+        assert r.choices[0].message.content == want.text and r.dyvte["prune"] == want.prune == spec
+    for bad in ("fastv:9:0.5", "divprune:2", "topk:3", 7):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=name, messages=user(QUESTIONS[1], img), max_tokens=2,
+                                           extra_body={"dyvte": {"prune": bad}})
+        assert e.value.body["param"] == "dyvte.prune" and e.value.body["code"] == "invalid_prune"
+        assert "\n" not in e.value.body["message"]
+    # the server's default (--prune), which a request may replace or turn off
+    state = ServerState(pipe, ServeSettings(pipe.manifest.root, prune="divprune:0.5"))
+    s = ServeSettings(pipe.manifest.root)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert str(state.plan(parse_chat_request({"messages": msgs}, s)).prune) == "divprune:0.5"
+    assert state.plan(parse_chat_request({"messages": msgs, "dyvte": {"prune": "none"}}, s)).prune is None
+    assert str(state.plan(parse_chat_request({"messages": msgs, "dyvte": {"prune": "fastv:1:0.5"}}, s)).prune) \
+        == "fastv:1:0.5"
+    with pytest.raises(InputError, match="--prune"):
+        ServerState(pipe, ServeSettings(pipe.manifest.root, prune="fastv:99:0.5"))
+
+
+def test_kv_budget_refuses_what_cannot_fit(llama, pipelines):
+    from dyvte.serving.server import RequestError, ServerState, ServeSettings
+
+    pipe = pipelines(llama.engine_dir)
+    state = ServerState(pipe, ServeSettings(pipe.manifest.root, kv_budget=20_000))
+    state.start()
+    try:
+        body = {"messages": user(QUESTIONS[0], make_image(0)), "max_tokens": 32}
+        with pytest.raises(RequestError) as e:
+            state.prepare(json.dumps(body).encode())
+        assert e.value.code == "kv_budget_exceeded" and "MiB of KV cache" in str(e.value)
+        body["messages"] = user("hi")
+        body["max_tokens"] = 2
+        _, seq = state.prepare(json.dumps(body).encode())  # a short text prompt fits
+        assert state.worker.scheduler.kv_bytes(seq) <= 20_000
+    finally:
+        state.stop()
+
+
+def test_worker_survives_a_failing_step(llama, pipelines):
+    """A step that raises fails the rows in flight, keeps the waiting ones and the worker."""
+    import threading as th
+
+    from dyvte.serving.worker import Job, Worker, make_sequence
+
+    pipe = pipelines(llama.engine_dir)
+    fail = th.Event()
+
+    class FailingPipe(SlowPipe):
+        def scheduler(self, *args, **kwargs):
+            sched = super().scheduler(*args, **kwargs)
+            step = sched.step
+
+            def failing_step():  # the step after the one that admitted the first request fails
+                if fail.is_set() and sched.running:
+                    fail.clear()
+                    raise RuntimeError("boom")
+                return step()
+
+            sched.step = failing_step
+            return sched
+
+    worker = Worker(FailingPipe(pipe, 0.0), max_batch=1)
+    try:
+        plan = pipe.plan("never")
+        outcomes = [[], []]
+        done = [th.Event(), th.Event()]
+        reqs = [pipe.encode(make_image(i), QUESTIONS[i], 4) for i in (0, 1)]
+
+        def on_done(i):
+            return lambda o: (outcomes[i].append(o), done[i].set())
+
+        fail.set()
+        worker.submit_many([Job(make_sequence(pipe, r, plan), on_done(i)) for i, r in enumerate(reqs)])
+        assert done[0].wait(30) and done[1].wait(30)
+        assert isinstance(outcomes[0][0], RuntimeError)  # admitted (max_batch 1) when the step failed
+        assert outcomes[1][0].text == alone(pipe, QUESTIONS[1], make_image(1), 4, "never").text  # was waiting
+    finally:
+        assert worker.close(30)

@@ -41,7 +41,8 @@ def test_triton_repo_files(llama, tmp_path):
     (env / "bin" / "activate").write_text("")
     repo = tmp_path / "repo"
     args = ["triton-repo", "--engine-dir", str(llama.engine_dir), "--out", str(repo), "--model-name", "llava-tiny",
-            "--instances", "2", "--max-batch", "4", "--env", str(env), "--policy", "gate"]
+            "--instances", "2", "--max-batch", "4", "--env", str(env), "--policy", "gate", "--prune", "fastv:2:0.5",
+            "--kv-budget", "1GiB", "--prefill-tokens", "512"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     cfg = (repo / "llava-tiny" / "config.pbtxt").read_text()
@@ -49,12 +50,15 @@ def test_triton_repo_files(llama, tmp_path):
                  "count: 2", "kind: KIND_CPU", 'name: "IMAGE"', "data_type: TYPE_UINT8", "allow_ragged_batch: true",
                  'name: "PROMPT"', "data_type: TYPE_STRING", 'name: "TEXT"', 'name: "EXIT_LAYER"', "TYPE_INT32",
                  'name: "TIMINGS"', 'key: "EXECUTION_ENV_PATH"', f'string_value: "{env.resolve()}"',
-                 f'string_value: "{Path(llama.engine_dir).resolve()}"', 'string_value: "gate"'):
+                 f'string_value: "{Path(llama.engine_dir).resolve()}"', 'string_value: "gate"', 'name: "PRUNE"',
+                 'key: "PRUNE"\n  value: { string_value: "fastv:2:0.5" }',
+                 f'key: "KV_BUDGET"\n  value: {{ string_value: "{2**30}" }}',
+                 'key: "PREFILL_TOKENS"\n  value: { string_value: "512" }'):
         assert line in cfg, line
     from importlib.resources import files
 
     assert (repo / "llava-tiny" / "1" / "model.py").read_text() == \
-        (files("dyvte.assets") / "triton" / "model.py").read_text()
+        (files("dyvte.serving") / "assets" / "model.py").read_text()
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "--overwrite" in r.stderr
     r = CliRunner().invoke(main, [*args, "--overwrite", "--copy-engine", "--kind", "gpu", "--backend", "torch"])
@@ -64,14 +68,16 @@ def test_triton_repo_files(llama, tmp_path):
     assert (repo / "llava-tiny" / "1" / "engine" / "manifest.json").is_file()
     for bad, msg in ((["--kind", "gpu", "--backend", "onnxruntime"], "KIND_GPU"), (["--max-batch", "99"], "max batch"),
                      (["--backend", "tensorrt"], "GPU"), (["--policy", "layer:77"], "layer:77"),
-                     (["--env", str(tmp_path)], "bin/activate")):
+                     (["--env", str(tmp_path)], "bin/activate"), (["--prune", "fastv:9:0.5"], "--prune"),
+                     (["--kv-budget", "lots"], "not a size")):
         r = CliRunner().invoke(main, [*args, "--overwrite", *bad])
-        assert r.exit_code == 1 and msg in r.stderr and "Traceback" not in r.output, (bad, r.output)
+        code = 2 if bad[0] == "--kv-budget" else 1  # click's usage error for a value it cannot parse
+        assert r.exit_code == code and msg in r.stderr and "Traceback" not in r.output, (bad, r.output)
 
 
 def test_instance_backend():
     from dyvte.errors import InputError
-    from dyvte.triton_repo import instance_backend
+    from dyvte.serving.triton import instance_backend
 
     assert instance_backend("auto", "CPU", 0) == ("onnxruntime", {})
     assert instance_backend("auto", "CPU", 0, "bfloat16") == ("torch", {"device": "cpu"})
@@ -82,52 +88,48 @@ def test_instance_backend():
         instance_backend("onnxruntime", "GPU", 0)
 
 
-class CountingPipe:
-    def __init__(self, pipe):
-        self._pipe, self.runs = pipe, []
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def run(self, requests, *args, **kwargs):
-        self.runs.append(len(requests))
-        return self._pipe.run(requests, *args, **kwargs)
-
-
-def test_triton_model_runs_the_batch_as_one_pipeline_run(llama, pipelines):
-    """The python-backend model's logic: Triton's batch (several requests, rows) -> ONE run."""
+def test_triton_model_answers_a_batch_from_its_worker(llama, pipelines):
+    """The python-backend model's logic: Triton's batch (several requests, rows) is queued at
+    once and prefilled together; bad requests get their own error; PRUNE per request."""
     from dyvte.errors import InputError
-    from dyvte.triton_repo import TritonModel
+    from dyvte.serving.triton import TritonModel
 
-    pipe = CountingPipe(pipelines(llama.engine_dir))
-    model = TritonModel(pipe, policy="gate")
-    a, b = png(make_image(0)), png(make_image(1))
-    n = max(len(a), len(b))
-    two = np.stack([np.frombuffer(x + bytes(n - len(x)), np.uint8) for x in (a, b)])  # padded rows
-    requests = [
-        {"PROMPT": np.array([[QUESTIONS[0].encode()], [QUESTIONS[1].encode()]], dtype=object), "IMAGE": two,
-         "MAX_TOKENS": np.array([[3], [6]], np.int32)},
-        {"PROMPT": np.array([[b"what shape ?"]], dtype=object), "IMAGE": np.frombuffer(b"junk" * 30, np.uint8)[None]},
-        {"PROMPT": np.array([[QUESTIONS[2].encode()]], dtype=object)},  # no image
-        {"PROMPT": np.array([[QUESTIONS[3].encode()]], dtype=object), "IMAGE": np.frombuffer(a, np.uint8)[None],
-         "MAX_TOKENS": np.array([[99]], np.int32)},  # over the folder's limit
-    ]
-    out = model.execute(requests)
-    assert pipe.runs == [3]  # one run over the 3 good rows
-    assert isinstance(out[1], InputError) and isinstance(out[3], InputError) and "max_tokens" in str(out[3])
-    want = [pipe.generate(make_image(0), QUESTIONS[0], 3, "gate"), pipe.generate(make_image(1), QUESTIONS[1], 6, "gate")]
-    assert out[0]["TEXT"].shape == (2, 1) and out[0]["EXIT_LAYER"].dtype == np.int32
-    assert [t[0].decode() for t in out[0]["TEXT"]] == [w.text for w in want]
-    assert out[0]["EXIT_LAYER"][:, 0].tolist() == [w.exit_layer for w in want]
-    info = json.loads(out[0]["DYVTE"][0, 0])
-    assert info["batch_size"] == 3 and info["policy"] == "gate" and info["num_layers"] == llama.spec.num_layers
-    assert "prefill_s" in json.loads(out[0]["TIMINGS"][1, 0])
-    text_only = pipe.run([pipe.encode_chat([{"role": "user", "content": QUESTIONS[2]}])], "gate")[0]
-    assert out[2]["TEXT"][0, 0].decode() == text_only.text and out[2]["EXIT_LAYER"][0, 0] == llama.spec.num_layers
+    pipe = pipelines(llama.engine_dir)
+    model = TritonModel(pipe, policy="gate", prune="divprune:0.5")
+    try:
+        a, b = png(make_image(0)), png(make_image(1))
+        n = max(len(a), len(b))
+        two = np.stack([np.frombuffer(x + bytes(n - len(x)), np.uint8) for x in (a, b)])  # padded rows
+        requests = [
+            {"PROMPT": np.array([[QUESTIONS[0].encode()], [QUESTIONS[1].encode()]], dtype=object), "IMAGE": two,
+             "MAX_TOKENS": np.array([[3], [6]], np.int32), "PRUNE": np.array([[b""], [b"fastv:2:0.5"]], dtype=object)},
+            {"PROMPT": np.array([[b"what shape ?"]], dtype=object), "IMAGE": np.frombuffer(b"junk" * 30, np.uint8)[None]},
+            {"PROMPT": np.array([[QUESTIONS[2].encode()]], dtype=object), "PRUNE": np.array([[b"none"]], dtype=object)},
+            {"PROMPT": np.array([[QUESTIONS[3].encode()]], dtype=object), "IMAGE": np.frombuffer(a, np.uint8)[None],
+             "MAX_TOKENS": np.array([[99]], np.int32)},  # over the folder's limit
+            {"PROMPT": np.array([[QUESTIONS[3].encode()]], dtype=object), "PRUNE": np.array([[b"fastv:9:0.5"]], dtype=object)},
+        ]
+        out = model.execute(requests, timeout=60)
+        assert isinstance(out[1], InputError) and isinstance(out[3], InputError) and "max_tokens" in str(out[3])
+        assert isinstance(out[4], InputError) and str(out[4]).startswith("PRUNE:")
+        want = [pipe.generate(make_image(0), QUESTIONS[0], 3, "gate", prune="divprune:0.5"),
+                pipe.generate(make_image(1), QUESTIONS[1], 6, "gate", prune="fastv:2:0.5")]
+        assert out[0]["TEXT"].shape == (2, 1) and out[0]["EXIT_LAYER"].dtype == np.int32
+        assert [t[0].decode() for t in out[0]["TEXT"]] == [w.text for w in want]
+        assert out[0]["EXIT_LAYER"][:, 0].tolist() == [w.exit_layer for w in want]
+        info = [json.loads(x[0]) for x in out[0]["DYVTE"]]
+        assert [i["prune"] for i in info] == ["divprune:0.5", "fastv:2:0.5"]
+        assert info[0]["batch_size"] == 3 and info[0]["policy"] == "gate" and info[0]["num_layers"] == llama.spec.num_layers
+        assert "prefill_s" in json.loads(out[0]["TIMINGS"][1, 0])
+        text_only = pipe.run([pipe.encode_chat([{"role": "user", "content": QUESTIONS[2]}])], "gate")[0]
+        assert out[2]["TEXT"][0, 0].decode() == text_only.text and out[2]["EXIT_LAYER"][0, 0] == llama.spec.num_layers
+        assert json.loads(out[2]["DYVTE"][0, 0])["prune"] is None
+    finally:
+        model.worker.close()  # the pipeline is the test session's
 
 
 def test_triton_model_loads_from_config_args(llama, tmp_path):
-    from dyvte.triton_repo import TritonModel, TritonRepoSettings, write_triton_repo
+    from dyvte.serving.triton import TritonModel, TritonRepoSettings, write_triton_repo
 
     model_dir = write_triton_repo(TritonRepoSettings(llama.engine_dir, tmp_path / "repo", copy_engine=True,
                                                      policy="never"))
@@ -192,7 +194,7 @@ def _local_tritonserver(env: Path, workdir: Path) -> tuple[Path, Path, dict]:
 @pytest.fixture(scope="module")
 def triton(llama, tmp_path_factory):
     """A tritonserver on 127.0.0.1 serving the tiny Llama folder: (http url, grpc url, model name)."""
-    from dyvte.triton_repo import TritonRepoSettings, write_triton_repo
+    from dyvte.serving.triton import TritonRepoSettings, write_triton_repo
 
     env = Path(os.environ.get("DYVTE_TRITON_ENV", ROOT / ".venv" / "triton"))
     if not (env / "bin" / "python").exists():
@@ -200,7 +202,7 @@ def triton(llama, tmp_path_factory):
     work = tmp_path_factory.mktemp("triton")
     binary, backends, proc_env = _local_tritonserver(env, work)
     write_triton_repo(TritonRepoSettings(llama.engine_dir, work / "repo", model_name="dyvte", backend="onnxruntime",
-                                         env=env, max_queue_delay_us=300_000, policy="gate"))
+                                         env=env, max_queue_delay_us=20_000, policy="gate"))
     http_port, grpc_port, metrics_port = _free_ports(3)
     log = open(work / "tritonserver.log", "w")
     proc = subprocess.Popen([str(binary), "--model-repository", str(work / "repo"), "--backend-directory", str(backends),
@@ -235,9 +237,12 @@ def triton(llama, tmp_path_factory):
         log.close()
 
 
-def _inputs(module, prompt: str, image: bytes | None, max_tokens: int | None):
+def _inputs(module, prompt: str, image: bytes | None, max_tokens: int | None, prune: str | None = None):
     inputs = [module.InferInput("PROMPT", [1, 1], "BYTES")]
     inputs[0].set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+    if prune is not None:
+        inputs.append(module.InferInput("PRUNE", [1, 1], "BYTES"))
+        inputs[-1].set_data_from_numpy(np.array([[prune.encode()]], dtype=object))
     if image is not None:
         inputs.append(module.InferInput("IMAGE", [1, len(image)], "UINT8"))
         inputs[-1].set_data_from_numpy(np.frombuffer(image, np.uint8)[None])
@@ -288,3 +293,50 @@ def test_tritonserver_http_and_grpc_answer_as_the_pipeline(triton, llama, pipeli
         with pytest.raises(InferenceServerException, match="max_tokens"):
             client.infer(name, _inputs(module, QUESTIONS[0], png(make_image(0)), 999))
     assert _answer(grpc.infer(name, _inputs(grpcclient, *cases[1][:1], png(cases[1][1]), cases[1][2])))[0] == want[1].text
+
+
+def test_tritonserver_requests_join_the_running_batch(triton, llama, pipelines):
+    """Through the real server: short requests sent while long ones decode join their batch and
+    are answered first (execute returns at once; the worker answers through response senders);
+    PRUNE per request; a client that gives up does not disturb the others."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http_url, grpc_url, name = triton
+    pipe = pipelines(llama.engine_dir)
+    longs = [(QUESTIONS[i], make_image(40 + i), 32) for i in range(3)]
+    shorts = [(QUESTIONS[3], make_image(50 + i), 2) for i in range(2)]
+    want = {id(c): pipe.generate(c[1], c[0], c[2], "gate") for c in longs + shorts}
+    assert all(len(want[id(c)].token_ids) == 32 for c in longs)  # random weights: no early EOS
+    http = httpclient.InferenceServerClient(http_url, concurrency=8)
+    done = {}
+
+    def ask(case):
+        q, img, n = case
+        res = _answer(httpclient.InferenceServerClient(http_url).infer(name, _inputs(httpclient, q, png(img), n)))
+        done[id(case)] = time.monotonic()
+        return res
+
+    with ThreadPoolExecutor(len(longs) + len(shorts)) as ex:
+        pending = [ex.submit(ask, c) for c in longs]
+        time.sleep(0.1)  # the long ones are decoding
+        pending += [ex.submit(ask, c) for c in shorts]
+        got = [p.result() for p in pending]
+    for (text, exit_layer, info), case in zip(got, longs + shorts):
+        assert (text, exit_layer) == (want[id(case)].text, want[id(case)].exit_layer)
+    assert max(done[id(c)] for c in shorts) < min(done[id(c)] for c in longs)  # answered first
+    assert all(info["batch_size"] >= 2 for _, _, info in got[len(longs):])  # decoded with the long ones
+
+    spec = "divprune:0.5"
+    t, e, info = _answer(http.infer(name, _inputs(httpclient, QUESTIONS[1], png(make_image(5)), 4, spec)))
+    w = pipe.generate(make_image(5), QUESTIONS[1], 4, "gate", prune=spec)
+    assert (t, e, info["prune"]) == (w.text, w.exit_layer, spec)
+    with pytest.raises(InferenceServerException, match="PRUNE"):
+        http.infer(name, _inputs(httpclient, QUESTIONS[1], png(make_image(5)), 4, "fastv:99:0.5"))
+
+    grpc = grpcclient.InferenceServerClient(grpc_url)
+    with pytest.raises(InferenceServerException):  # gives up after 50 ms: the server cancels or finishes it
+        grpc.infer(name, _inputs(grpcclient, *longs[0][:1], png(longs[0][1]), 32), client_timeout=0.05)
+    assert _answer(grpc.infer(name, _inputs(grpcclient, shorts[0][0], png(shorts[0][1]), 2)))[0] == \
+        want[id(shorts[0])].text

@@ -1,25 +1,38 @@
 """``dyvte triton-repo``: a Triton Inference Server model repository serving an engine folder.
 
     REPO/<name>/config.pbtxt   python backend, dynamic batching, instance group, parameters
-    REPO/<name>/1/model.py     the python-backend model (package data ``dyvte/assets/triton/model.py``)
+    REPO/<name>/1/model.py     the python-backend model (package data ``dyvte/serving/assets/model.py``)
     REPO/<name>/1/engine/      the engine folder itself, with ``copy_engine`` (else an absolute path)
 
-The model takes PROMPT (BYTES [1]), an optional IMAGE (UINT8 [-1]: an encoded PNG/JPEG file) and
-an optional MAX_TOKENS (INT32 [1]); it returns TEXT (BYTES [1]), EXIT_LAYER (INT32 [1]), TIMINGS
-(BYTES [1], JSON) and DYVTE (BYTES [1], JSON: gate probabilities, policy, finish reason, token
-counts, batch size). Every batch Triton's dynamic batcher hands to the model runs as ONE
-``Pipeline.run`` call, in which each sample exits on its own. :class:`TritonModel` holds that
-logic on numpy arrays, so it is tested without Triton; ``model.py`` only converts tensors.
+The model takes PROMPT (BYTES [1]), an optional IMAGE (UINT8 [-1]: an encoded PNG/JPEG file), an
+optional MAX_TOKENS (INT32 [1]) and an optional PRUNE (BYTES [1]: the request's prune spec,
+``none`` for none; default: the repository's); it returns TEXT (BYTES [1]), EXIT_LAYER (INT32
+[1]), TIMINGS (BYTES [1], JSON) and DYVTE (BYTES [1], JSON: gate probabilities, policy, prune
+spec, finish reason, token counts, batch size).
+
+**In-flight batching inside Triton.** Each model instance runs one serving worker
+(:class:`dyvte.serving.worker.Worker`, the one ``dyvte serve`` uses) on a background thread of
+the python backend's stub. ``execute`` only converts Triton's batch into jobs, hands them to the
+worker and returns None at once; the worker answers each request through its response sender
+(one response with the FINAL flag: the non-decoupled contract, so plain HTTP/gRPC ``infer``
+clients work unchanged) when its rows finish. Because ``execute`` returns at once, Triton hands
+the instance its next batch while earlier ones still decode, and those requests join the running
+batch at the next decode step. Triton's dynamic batcher only decides which requests arrive
+together (and are prefilled together). Requests cancelled by their client (Triton's
+``is_cancelled``) leave the batch. :class:`TritonModel` holds this logic on numpy arrays, so it is
+tested without Triton; ``model.py`` only converts tensors.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from dyvte.errors import DyvteError, EngineFolderError, InputError
+from dyvte.settings import SERVE_PREFILL_TOKENS
 
 KINDS = ("cpu", "gpu")
 
@@ -33,6 +46,7 @@ INPUTS = (  # name, Triton type, dims, extra fields
     ("PROMPT", "TYPE_STRING", "1", ""),
     ("IMAGE", "TYPE_UINT8", "-1", "allow_ragged_batch: true\n    optional: true"),
     ("MAX_TOKENS", "TYPE_INT32", "1", "optional: true"),
+    ("PRUNE", "TYPE_STRING", "1", "optional: true"),
 )
 OUTPUTS = (("TEXT", "TYPE_STRING"), ("EXIT_LAYER", "TYPE_INT32"), ("TIMINGS", "TYPE_STRING"), ("DYVTE", "TYPE_STRING"))
 
@@ -47,10 +61,13 @@ class TritonRepoSettings:
     backend: str = "auto"
     kind: str = "cpu"  # instance_group kind: cpu (KIND_CPU) or gpu (KIND_GPU)
     instances: int = 1  # instances per device
-    max_batch: int | None = None  # default: the folder's limit
+    max_batch: int | None = None  # max_batch_size (requests per execute); default: the folder's limit
     max_queue_delay_us: int = 5000
     policy: str = "auto"
     gate_threshold: float = 0.5
+    prune: str | None = None  # default prune spec (a request's PRUNE input overrides it)
+    kv_budget: int | None = None  # KV cache bytes per instance (None: the folder's batch limit only)
+    prefill_tokens: int | None = None  # prefill work per step (None: dyvte serve's default; 0: no bound)
     env: Path | None = None  # EXECUTION_ENV_PATH: the Python environment the model runs in
     copy_engine: bool = False
     overwrite: bool = False
@@ -111,10 +128,22 @@ def write_triton_repo(s: TritonRepoSettings) -> Path:
         raise InputError("instances must be >= 1 and the queue delay >= 0")
     if not 0 < s.gate_threshold < 1:
         raise InputError(f"gate threshold must be in (0, 1), got {s.gate_threshold}")
+    from dyvte.runtime.plan import parse_prune
+
+    try:
+        prune = parse_prune(s.prune, manifest.num_layers, set(manifest.boundaries))
+    except InputError as exc:
+        raise InputError(f"--prune: {exc}") from None
+    prefill_tokens = SERVE_PREFILL_TOKENS if s.prefill_tokens is None else s.prefill_tokens  # 0: no bound
+    if prefill_tokens < 0 or (s.kv_budget is not None and s.kv_budget < 1):
+        raise InputError("--prefill-tokens must be >= 0 (0: no bound) and --kv-budget a positive size")
     if not s.model_name or not all(c.isalnum() or c in "-_." for c in s.model_name):
         raise InputError(f"model name {s.model_name!r}: use letters, digits, '-', '_' and '.'")
     params = {"ENGINE_DIR": "engine" if s.copy_engine else str(Path(s.engine_dir).resolve()), "BACKEND": s.backend,
-              "POLICY": s.policy, "GATE_THRESHOLD": str(s.gate_threshold)}
+              "POLICY": s.policy, "GATE_THRESHOLD": str(s.gate_threshold), "PRUNE": str(prune) if prune else "none",
+              "PREFILL_TOKENS": str(prefill_tokens)}
+    if s.kv_budget is not None:
+        params["KV_BUDGET"] = str(int(s.kv_budget))
     if s.env is not None:
         env = Path(s.env).resolve()
         if not (env / "bin" / "activate").is_file():
@@ -129,7 +158,7 @@ def write_triton_repo(s: TritonRepoSettings) -> Path:
     (model_dir / "1").mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(
         config_pbtxt(s.model_name, max_batch, s.max_queue_delay_us, s.kind, s.instances, params))
-    (model_dir / "1" / "model.py").write_text((files("dyvte.assets") / "triton" / "model.py").read_text())
+    (model_dir / "1" / "model.py").write_text((files("dyvte.serving") / "assets" / "model.py").read_text())
     if s.copy_engine:
         shutil.copytree(s.engine_dir, model_dir / "1" / "engine")
     return model_dir
@@ -162,20 +191,59 @@ def instance_backend(backend: str, kind: str, device_id: int, dtype: str = "floa
     return backend, {}
 
 
-class TritonModel:
-    """The python-backend model's work on numpy arrays: one dict of input arrays per Triton
-    request in, one dict of output arrays (or an exception) per request out."""
 
-    def __init__(self, pipe, policy: str = "auto", gate_threshold: float = 0.5, max_image_bytes: int | None = None,
-                 max_image_pixels: int | None = None):
-        from dyvte.settings import MAX_IMAGE_BYTES as DEFAULT_MAX_IMAGE_BYTES
-        from dyvte.settings import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
+class _Answer:
+    """Collects the rows of one Triton request and answers it once: its outputs when every row
+    finished, or the first error (the other rows are then cancelled)."""
+
+    def __init__(self, model: "TritonModel", n: int, respond):
+        self.model, self.respond = model, respond
+        self.outcomes, self.left, self.jobs = [None] * n, n, []
+        self.failed = False
+        self.lock = threading.Lock()
+
+    def row(self, i: int):
+        def done(outcome):
+            with self.lock:
+                if self.failed:
+                    return
+                if isinstance(outcome, Exception):
+                    self.failed = True
+                else:
+                    self.outcomes[i] = outcome
+                    self.left -= 1
+                    if self.left:
+                        return
+            if isinstance(outcome, Exception):
+                for job in self.jobs:
+                    if not job.done:
+                        self.model.worker.cancel(job, outcome)
+                self.respond(outcome)
+            else:
+                self.respond(self.model._outputs(self.outcomes))
+
+        return done
+
+
+class TritonModel:
+    """The python-backend model's work on numpy arrays: each Triton request (a dict of input
+    arrays) is answered through a callback, from the worker thread, with a dict of output arrays
+    or an exception (see module docstring)."""
+
+    def __init__(self, pipe, policy: str = "auto", gate_threshold: float = 0.5, prune: str | None = None,
+                 kv_budget: int | None = None, prefill_tokens: int | None = SERVE_PREFILL_TOKENS,
+                 max_queue: int | None = None,
+                 max_image_bytes: int | None = None, max_image_pixels: int | None = None):
+        from dyvte import settings
+
+        from .worker import Worker
 
         self.pipe = pipe
-        self.policy = pipe.policy(policy).name  # validates
-        self.gate_threshold = gate_threshold
-        self.max_image_bytes = max_image_bytes or DEFAULT_MAX_IMAGE_BYTES
-        self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+        self.plan = pipe.plan(policy, gate_threshold, prune)  # validates
+        self.policy, self.gate_threshold = self.plan.policy.name, gate_threshold
+        self.max_image_bytes = max_image_bytes or settings.MAX_IMAGE_BYTES
+        self.max_image_pixels = max_image_pixels or settings.MAX_IMAGE_PIXELS
+        self.worker = Worker(pipe, None, max_queue or settings.SERVE_MAX_QUEUE, kv_budget, prefill_tokens or None)
 
     @classmethod
     def from_triton_args(cls, args: dict) -> "TritonModel":
@@ -199,18 +267,25 @@ class TritonModel:
                                             tuple(features.built_engines(manifest)))
         pipe = Pipeline.load(engine, backend=backend, **options)
         max_batch = int(cfg.get("max_batch_size", 0))
-        if max_batch > pipe.limits["max_batch"]:
+        try:
+            if max_batch > pipe.limits["max_batch"]:
+                raise EngineFolderError(f"max_batch_size {max_batch} exceeds the engine folder's limit of "
+                                        f"{pipe.limits['max_batch']}; rewrite the repository with --max-batch")
+            kv = params.get("KV_BUDGET")
+            prefill = params.get("PREFILL_TOKENS")
+            return cls(pipe, params.get("POLICY", "auto"), float(params.get("GATE_THRESHOLD", 0.5)),
+                       params.get("PRUNE") or None, int(kv) if kv else None,
+                       int(prefill) if prefill else SERVE_PREFILL_TOKENS)
+        except Exception:
             pipe.close()
-            raise EngineFolderError(f"max_batch_size {max_batch} exceeds the engine folder's limit of "
-                                    f"{pipe.limits['max_batch']}; rewrite the repository with --max-batch")
-        return cls(pipe, params.get("POLICY", "auto"), float(params.get("GATE_THRESHOLD", 0.5)))
+            raise
 
     def _encode(self, inputs: dict) -> list:
-        """Pipeline Requests of one Triton request (its rows)."""
+        """Checked scheduler Sequences of one Triton request (its rows)."""
         import numpy as np
 
-        from dyvte.batching import check_request
-        from dyvte.serve import decode_image
+        from .server import decode_image
+        from .worker import make_sequence
 
         prompts = inputs.get("PROMPT")
         if prompts is None or prompts.size == 0:
@@ -223,70 +298,100 @@ class TritonModel:
                 raise InputError(f"IMAGE has {images.shape[1]} bytes; this model takes at most {self.max_image_bytes}")
         tokens = inputs.get("MAX_TOKENS")
         tokens = None if tokens is None else np.asarray(tokens).reshape(len(prompts), -1)[:, 0]
+        prunes = inputs.get("PRUNE")
+        prunes = None if prunes is None else prunes.reshape(len(prompts), -1)[:, 0]
         out = []
         for r, p in enumerate(prompts):
-            try:
-                prompt = p.decode("utf-8") if isinstance(p, bytes) else str(p)
-            except UnicodeDecodeError:
-                raise InputError("PROMPT must be UTF-8 text") from None
+            prompt = _text(p, "PROMPT")
+            plan = self.plan
+            if prunes is not None and _text(prunes[r], "PRUNE").strip():
+                try:
+                    plan = self.pipe.plan(self.policy, self.gate_threshold, _text(prunes[r], "PRUNE"))
+                except InputError as exc:
+                    raise InputError(f"PRUNE: {exc}") from None
             n_new = None if tokens is None else int(tokens[r])
             if images is not None and images.shape[1]:
                 img = decode_image(images[r].tobytes(), self.max_image_pixels, "IMAGE")
                 req = self.pipe.encode(img, prompt, n_new)
             else:
                 req = self.pipe.encode_chat([{"role": "user", "content": prompt}], n_new)
-            check_request(self.pipe, req)
-            out.append(req)
+            seq = make_sequence(self.pipe, req, plan)
+            self.worker.check(seq)
+            out.append(seq)
         return out
 
-    def execute(self, requests: list[dict]) -> list:
-        """Answer Triton's batch of requests with one ``Pipeline.run`` over all their rows
-        (requests with bad inputs get their error; a run that fails on input is retried per
-        request so only the bad one fails)."""
-        encoded, answers = [], [None] * len(requests)
-        for i, inputs in enumerate(requests):
+    def submit(self, requests: list) -> None:
+        """Hand Triton's batch to the worker: ``requests`` is a list of (inputs dict, respond,
+        is_cancelled or None); ``respond(outputs dict | exception)`` is called once per request
+        (bad inputs now, the others from the worker thread when their rows finish). The good
+        requests' rows are queued together, so they start in the same step."""
+        from .worker import Job
+
+        jobs = []
+        for inputs, respond, is_cancelled in requests:
             try:
-                encoded.append((i, self._encode(inputs)))
+                seqs = self._encode(inputs)
             except DyvteError as exc:
-                answers[i] = exc
-        rows = [r for _, reqs in encoded for r in reqs]
-        if not rows:
-            return answers
+                respond(exc)
+                continue
+            answer = _Answer(self, len(seqs), respond)
+            answer.jobs = [Job(seq, answer.row(i), is_cancelled=is_cancelled) for i, seq in enumerate(seqs)]
+            jobs += answer.jobs
+        if not jobs:
+            return
         try:
-            results = self.pipe.run(rows, self.policy, self.gate_threshold)
-        except InputError as exc:
-            if len(encoded) == 1:
-                answers[encoded[0][0]] = exc
-                return answers
-            for i, _ in encoded:
-                try:
-                    answers[i] = self.execute([requests[i]])[0]
-                except DyvteError as exc:
-                    answers[i] = exc
-            return answers
-        at = 0
-        for i, reqs in encoded:
-            answers[i] = self._outputs(results[at: at + len(reqs)], len(rows))
-            at += len(reqs)
+            self.worker.submit_many(jobs)
+        except DyvteError as exc:  # queue full, shutting down: every request of this batch is refused
+            for job in jobs:
+                job.finish(exc)
+
+    def execute(self, requests: list[dict], timeout: float | None = None) -> list:
+        """Answer a list of requests (input dicts) and wait for them: one dict of output arrays,
+        or an exception, per request."""
+        answers, done = [None] * len(requests), [threading.Event() for _ in requests]
+
+        def respond(i):
+            def put(answer):
+                answers[i] = answer
+                done[i].set()
+
+            return put
+
+        self.submit([(inputs, respond(i), None) for i, inputs in enumerate(requests)])
+        for event in done:
+            event.wait(timeout)
         return answers
 
-    def _outputs(self, results: list, batch_size: int) -> dict:
+    def _outputs(self, outcomes: list) -> dict:
         import numpy as np
 
         def column(values, dtype=object):
             return np.array([[v] for v in values], dtype=dtype)  # [b, 1]
 
         L = self.pipe.manifest.num_layers
-        info = [{"exit_layer": r.exit_layer, "num_layers": L, "policy": r.policy,
+        results = [o.result for o in outcomes]
+        info = [{"exit_layer": r.exit_layer, "num_layers": L, "policy": r.policy, "prune": r.prune,
                  "gate_probs": {str(k): float(v) for k, v in r.gate_probs.items()}, "finish_reason": r.finish_reason,
-                 "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids), "batch_size": batch_size,
-                 "backend": self.pipe.backend} for r in results]
+                 "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids), "batch_size": o.batch_size,
+                 "backend": self.pipe.backend} for r, o in zip(results, outcomes)]
+        timings = [{**r.timings, "queue_s": o.queue_s} for r, o in zip(results, outcomes)]
         return {
             "TEXT": column([r.text.encode("utf-8") for r in results]),
             "EXIT_LAYER": column([r.exit_layer for r in results], np.int32),
-            "TIMINGS": column([json.dumps(r.timings).encode() for r in results]),
+            "TIMINGS": column([json.dumps(t).encode() for t in timings]),
             "DYVTE": column([json.dumps(d).encode() for d in info]),
         }
 
-    def close(self) -> None:
-        self.pipe.close()
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Finish the requests in flight (up to ``timeout`` s), then free the pipeline."""
+        try:
+            self.worker.close(timeout)
+        finally:
+            self.pipe.close()
+
+
+def _text(value, name: str) -> str:
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise InputError(f"{name} must be UTF-8 text") from None

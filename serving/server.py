@@ -1,15 +1,16 @@
-"""``dyvte serve``: an OpenAI-compatible HTTP server over one engine folder, with dynamic batching.
+"""``dyvte serve``: an OpenAI-compatible HTTP server over one engine folder, with in-flight batching.
 
-    from dyvte.serve import ServeSettings, serve
+    from dyvte.serving.server import ServeSettings, serve
     serve(ServeSettings("engines/demo", port=8000))        # blocks; SIGINT/SIGTERM drain and stop
 
 Endpoints: ``POST /v1/chat/completions`` (text and ``image_url`` parts, ``stream``, ``max_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stop``; a ``dyvte`` object with the exit layer, gate
-probabilities, policy and timings in every answer), ``GET /v1/models``, ``GET /health`` and
-``GET /metrics`` (Prometheus). Requests that arrive within ``max_wait_ms`` of each other run as
-one batch (:mod:`dyvte.batching`). Images come inline as ``data:`` URLs; local paths only under
-an operator-given root; URLs are never fetched. Errors are OpenAI-style objects with a 4xx/5xx
-status and never stop the server.
+``temperature``, ``top_p``, ``seed``, ``stop``; per request ``{"dyvte": {"policy",
+"gate_threshold", "prune"}}``; a ``dyvte`` object with the exit layer, gate probabilities, policy
+and timings in every answer), ``GET /v1/models``, ``GET /health`` and ``GET /metrics``
+(Prometheus). This module only speaks HTTP: each request becomes a job of the serving loop
+(:mod:`dyvte.serving.worker`), which joins it to the running batch at the next decode step.
+Images come inline as ``data:`` URLs; local paths only under an operator-given root; URLs are
+never fetched. Errors are OpenAI-style objects with a 4xx/5xx status and never stop the server.
 
 :func:`create_app` builds the FastAPI app around a loaded :class:`~dyvte.runtime.Pipeline` (tests
 and embedding); :func:`serve` loads the folder and runs it under uvicorn.
@@ -32,8 +33,10 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from dyvte import settings
-from dyvte.batching import (
-    Batcher,
+from dyvte.errors import DyvteError, InputError, PolicyError
+from dyvte.settings import DEFAULT_GATE_THRESHOLD
+
+from .worker import (
     Job,
     Outcome,
     PromptTooLongError,
@@ -41,10 +44,9 @@ from dyvte.batching import (
     RequestCancelledError,
     RequestTimeoutError,
     ServiceUnavailableError,
-    check_request,
+    Worker,
+    make_sequence,
 )
-from dyvte.errors import DyvteError, InputError, PolicyError
-from dyvte.settings import DEFAULT_GATE_THRESHOLD
 
 log = logging.getLogger("dyvte.serve")
 
@@ -58,7 +60,10 @@ DEFAULT_MAX_IMAGE_BYTES = settings.MAX_IMAGE_BYTES
 DEFAULT_MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS
 DEFAULT_MAX_BODY_BYTES = settings.SERVE_MAX_BODY_BYTES
 
+DEFAULT_PREFILL_TOKENS = settings.SERVE_PREFILL_TOKENS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # dyvte -> OpenAI
 
 
@@ -72,7 +77,10 @@ class ServeSettings:
     port: int = DEFAULT_PORT
     policy: str = "auto"
     gate_threshold: float = DEFAULT_GATE_THRESHOLD
-    max_batch: int | None = None  # default: the folder's limit
+    prune: str | None = None  # default prune spec of requests (runtime/plan.py)
+    max_batch: int | None = None  # most rows decoding at once; default: the folder's limit
+    kv_budget: int | None = None  # KV cache bytes admitted rows may reserve (None: rows only)
+    prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS  # prefill work per step (None: unbounded)
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_queue: int = DEFAULT_MAX_QUEUE
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
@@ -91,6 +99,10 @@ class ServeSettings:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise InputError("max-wait-ms must be >= 0 and request-timeout > 0")
+        if self.kv_budget is not None and self.kv_budget < 1:
+            raise InputError("--kv-budget must be a positive size such as 2GiB")
+        if self.prefill_tokens is not None and self.prefill_tokens < 1:
+            raise InputError("--prefill-tokens must be at least 1")
         if self.threads is not None and (self.threads < 1 or self.backend != "onnxruntime"):
             raise InputError("--threads takes a positive number and applies to --backend onnxruntime")
         if self.image_root is not None and not Path(self.image_root).is_dir():
@@ -229,6 +241,7 @@ class ChatRequest:
     stop: tuple = ()
     policy: str | None = None
     gate_threshold: float | None = None
+    prune: str | None = None  # None: the server's default; "none": no pruning
 
 
 _UNSUPPORTED = {  # option -> (is it set to something dyvte cannot honour?, what to say)
@@ -292,16 +305,19 @@ def parse_chat_request(body: dict, settings: ServeSettings, max_images: int | No
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("stop must be a non-empty string or a list of at most 4 of them", "stop")
     ext = body.get("dyvte") or {}
-    if not isinstance(ext, dict) or set(ext) - {"policy", "gate_threshold"}:
-        raise bad_request("dyvte must be an object with optional keys policy and gate_threshold", "dyvte")
+    if not isinstance(ext, dict) or set(ext) - {"policy", "gate_threshold", "prune"}:
+        raise bad_request("dyvte must be an object with optional keys policy, gate_threshold and prune", "dyvte")
     if ext.get("policy") is not None and not isinstance(ext["policy"], str):
         raise bad_request("dyvte.policy must be a string such as 'gate', 'never' or 'layer:4'", "dyvte.policy")
+    if ext.get("prune") is not None and not isinstance(ext["prune"], str):
+        raise bad_request("dyvte.prune must be a string such as 'divprune:0.5', 'fastv:2:0.75' or 'none'",
+                          "dyvte.prune", "invalid_prune")
     threshold = _number(ext, "gate_threshold", 0.0, 1.0, None, True, "dyvte.gate_threshold")
     return ChatRequest(
         messages=_convert_messages(body.get("messages"), settings, max_images),
         stream=bool(stream), include_usage=bool(opts and opts.get("include_usage")), max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0, 0.0), top_p=_number(body, "top_p", 0.0, 1.0, 1.0, True),
-        seed=seed, stop=tuple(stop), policy=ext.get("policy"), gate_threshold=threshold,
+        seed=seed, stop=tuple(stop), policy=ext.get("policy"), gate_threshold=threshold, prune=ext.get("prune"),
     )
 
 
@@ -362,7 +378,7 @@ class Metrics:
         self.errors = Counter("dyvte_request_errors", "Error answers by error code", ["code"], registry=r)
         self.latency = Histogram("dyvte_request_duration_seconds", "End-to-end latency of successful chat completions",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("dyvte_queue_wait_seconds", "Time from arrival to the start of the request's batch",
+        self.queue_wait = Histogram("dyvte_queue_wait_seconds", "Time from arrival to the start of the request's prefill",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.first_token = Histogram("dyvte_time_to_first_token_seconds", "Streaming: arrival to first content",
                                      buckets=LATENCY_BUCKETS, registry=r)
@@ -371,12 +387,30 @@ class Metrics:
         self.generated_tokens = Counter("dyvte_generated_tokens", "Tokens generated for answered requests", registry=r)
         self.exit_layer = Histogram("dyvte_exit_layer", f"Exit layer per answer ({num_layers} = no exit)", ["policy"],
                                     buckets=tuple(range(num_layers + 1)), registry=r)
-        self.batch_size = Histogram("dyvte_batch_size", "Requests per batch run", buckets=tuple(range(1, max_batch + 1)),
-                                    registry=r)
-        self.batch_duration = Histogram("dyvte_batch_duration_seconds", "Wall time of one batch run",
-                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("dyvte_queue_depth", "Requests waiting for a batch", registry=r)
-        self.in_flight = Gauge("dyvte_requests_in_flight", "Requests queued or running", registry=r)
+        self.step_duration = Histogram("dyvte_step_duration_seconds", "Wall time of one scheduler step (decode + "
+                                       "prefill)", buckets=STEP_BUCKETS, registry=r)
+        self.step_tokens = Histogram("dyvte_step_tokens", "Tokens generated per scheduler step",
+                                     buckets=tuple(range(0, max_batch + 1)), registry=r)
+        self.queue_depth = Gauge("dyvte_queue_depth", "Requests waiting for admission", registry=r)
+        self.in_flight = Gauge("dyvte_requests_in_flight", "Requests accepted and not answered yet", registry=r)
+        self.rows = Gauge("dyvte_rows", "Rows by state after the last step (running: decoding; prefilling; "
+                          "waiting: not admitted yet)", ["state"], registry=r)
+        self.kv_bytes = Gauge("dyvte_kv_cache_bytes", "KV cache bytes: held by the caches (padding included), "
+                              "reserved by admitted rows, and the budget (0: none)", ["kind"], registry=r)
+
+    def bind(self, worker: Worker, kv_budget: int | None) -> None:
+        """Gauges read the worker's state (its snapshot after the last step)."""
+        self.queue_depth.set_function(lambda: worker.queue_depth)
+        self.in_flight.set_function(lambda: worker.in_flight)
+        for state in ("running", "prefilling", "waiting"):
+            self.rows.labels(state).set_function(lambda k=state: worker.snapshot[k])
+        self.kv_bytes.labels("held").set_function(lambda: worker.snapshot["kv_cache_bytes"])
+        self.kv_bytes.labels("reserved").set_function(lambda: worker.snapshot["kv_reserved_bytes"])
+        self.kv_bytes.labels("budget").set(kv_budget or 0)
+
+    def stepped(self, stats, worker=None) -> None:
+        self.step_duration.observe(stats.seconds)
+        self.step_tokens.observe(stats.tokens)
 
     def answered(self, outcome: Outcome, started: float) -> None:
         res = outcome.result
@@ -392,7 +426,7 @@ class Metrics:
 
 # -- the app -----------------------------------------------------------------------------------
 class ServerState:
-    """Everything the endpoints share: pipeline, batcher, metrics, settings."""
+    """Everything the endpoints share: pipeline, worker, metrics, settings."""
 
     def __init__(self, pipe, settings: ServeSettings):
         settings.check()
@@ -401,6 +435,12 @@ class ServerState:
         self.default_policy = pipe.policy(settings.policy).name  # validates
         if not 0 < settings.gate_threshold < 1:
             raise InputError(f"gate threshold must be in (0, 1), got {settings.gate_threshold}")
+        try:
+            self.default_plan = pipe.plan(self.default_policy, settings.gate_threshold, settings.prune)
+        except PolicyError:
+            raise
+        except InputError as exc:
+            raise InputError(f"--prune: {exc}") from None
         self.num_layers = pipe.manifest.num_layers
         limits = pipe.limits
         model = pipe.manifest.model
@@ -411,30 +451,42 @@ class ServerState:
             raise InputError(f"--max-batch must be in [1, {limits['max_batch']}] (this engine folder's limit with "
                              f"backend {pipe.backend}), got {max_batch}")
         self.metrics = Metrics(self.num_layers, max_batch)
-        self.batcher: Batcher | None = None
+        self.worker: Worker | None = None
         self._max_batch = max_batch
         self.draining = False
         self.created = int(time.time())
 
     def start(self) -> None:
-        if self.batcher is None:
-            m = self.metrics
-            self.batcher = Batcher(self.pipe, self._max_batch, self.settings.max_wait_ms / 1000.0,
-                                   self.settings.max_queue,
-                                   on_batch=lambda n, s: (m.batch_size.observe(n), m.batch_duration.observe(s)))
-            m.queue_depth.set_function(lambda: self.batcher.queue_depth if self.batcher else 0)
-            m.in_flight.set_function(lambda: self.batcher.in_flight if self.batcher else 0)
+        if self.worker is None:
+            s = self.settings
+            self.worker = Worker(self.pipe, self._max_batch, s.max_queue, s.kv_budget, s.prefill_tokens,
+                                 s.max_wait_ms / 1000.0, on_step=self.metrics.stepped)
+            self.metrics.bind(self.worker, s.kv_budget)
 
     def stop(self) -> None:
         """Finish every accepted request, then stop the worker."""
         self.draining = True
-        if self.batcher is not None:
-            self.batcher.close(timeout=self.settings.request_timeout_s + 5)
+        if self.worker is not None:
+            self.worker.close(timeout=self.settings.request_timeout_s + 5)
 
     # -- request handling (prepare runs in a worker thread: JSON, images, tokenizer) ------------
+    def plan(self, chat: ChatRequest):
+        """The request's token plan: its own policy, threshold and prune spec, else the server's."""
+        s = self.settings
+        policy = chat.policy if chat.policy is not None else self.default_policy
+        threshold = chat.gate_threshold if chat.gate_threshold is not None else s.gate_threshold
+        prune = chat.prune if chat.prune is not None else self.default_plan.prune
+        try:
+            return self.pipe.plan(policy, threshold, prune)
+        except PolicyError:
+            raise
+        except InputError as exc:
+            param = "dyvte.prune" if chat.prune is not None else "dyvte.gate_threshold"
+            raise bad_request(str(exc), param, "invalid_prune" if chat.prune is not None else None) from None
+
     def prepare(self, raw: bytes):
-        """Request body -> (ChatRequest, pipeline Request, policy name, threshold). Raises
-        :class:`APIError` or :class:`~dyvte.errors.DyvteError` (see :func:`api_error`)."""
+        """Request body -> (ChatRequest, checked Sequence). Raises :class:`APIError` or
+        :class:`~dyvte.errors.DyvteError` (see :func:`api_error`)."""
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -445,17 +497,21 @@ class ServerState:
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r} "
                                 "(see GET /v1/models)", "invalid_request_error", "model", "model_not_found")
+        from dyvte.runtime.scheduler import KVBudgetError
+
         chat = parse_chat_request(body, self.settings, self.max_images)
-        policy = self.pipe.policy(chat.policy).name if chat.policy is not None else self.default_policy
-        threshold = chat.gate_threshold if chat.gate_threshold is not None else self.settings.gate_threshold
+        plan = self.plan(chat)
         try:
             req = self.pipe.encode_chat(chat.messages, chat.max_tokens, chat.temperature, chat.top_p, chat.seed)
-            check_request(self.pipe, req)
+            seq = make_sequence(self.pipe, req, plan)
+            self.worker.check(seq)
         except (RequestError, PromptTooLongError):
             raise
+        except KVBudgetError as exc:
+            raise bad_request(str(exc), "max_tokens", "kv_budget_exceeded") from None
         except InputError as exc:  # the pipeline's own message; name the field it concerns
             raise bad_request(str(exc), "max_tokens" if "max_tokens" in str(exc) else "messages") from None
-        return chat, req, policy, threshold
+        return chat, seq
 
     def error_response(self, err: APIError):
         from fastapi.responses import JSONResponse
@@ -472,6 +528,7 @@ class ServerState:
             "num_layers": self.num_layers,
             "gate_probs": {str(k): float(v) for k, v in res.gate_probs.items()},
             "policy": res.policy,
+            "prune": res.prune,
             "backend": self.pipe.backend,
             "batch_size": outcome.batch_size,
             "finish_reason": outcome.finish_reason,
@@ -489,18 +546,18 @@ class ServerState:
         return {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.token_ids),
                 "total_tokens": res.prompt_tokens + len(res.token_ids)}
 
-    def _job(self, req, policy, threshold, chat: ChatRequest, on_done, on_delta=None) -> Job:
+    def _job(self, seq, chat: ChatRequest, on_done, on_delta=None) -> Job:
         deadline = time.monotonic() + self.settings.request_timeout_s
-        return Job(req, policy, threshold, on_done, chat.stop, on_delta, deadline)
+        return Job(seq, on_done, chat.stop, on_delta, deadline)
 
-    async def complete(self, chat, req, policy, threshold, started: float, arrival=None):
+    async def complete(self, chat, seq, started: float, arrival=None):
         from fastapi.responses import JSONResponse
 
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        job = self._job(req, policy, threshold, chat, lambda o: _threadsafe(loop, _settle, fut, o))
+        job = self._job(seq, chat, lambda o: _threadsafe(loop, _settle, fut, o))
         try:
-            self.batcher.submit(job, arrival)
+            self.worker.submit(job, arrival)
         except ServiceUnavailableError as exc:
             return self.error_response(api_error(exc))
         left = max(0.0, job.deadline - time.monotonic())
@@ -508,9 +565,9 @@ class ServerState:
             outcome = await asyncio.wait_for(asyncio.shield(fut), left)
         except asyncio.TimeoutError:
             outcome = RequestTimeoutError(f"the request did not finish within {self.settings.request_timeout_s:g} s")
-            self.batcher.cancel(job, outcome)
+            self.worker.cancel(job, outcome)
         except asyncio.CancelledError:  # the client went away
-            self.batcher.cancel(job, RequestCancelledError("client disconnected"))
+            self.worker.cancel(job, RequestCancelledError("client disconnected"))
             raise
         if isinstance(outcome, Exception):
             return self.error_response(api_error(outcome))
@@ -528,16 +585,16 @@ class ServerState:
         }
         return JSONResponse(body)
 
-    async def stream(self, chat, req, policy, threshold, started: float, arrival=None):
+    async def stream(self, chat, seq, started: float, arrival=None):
         from fastapi.responses import StreamingResponse
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = self._job(req, policy, threshold, chat,
+        job = self._job(seq, chat,
                         on_done=lambda o: _threadsafe(loop, queue.put_nowait, ("done", o)),
                         on_delta=lambda d: _threadsafe(loop, queue.put_nowait, ("delta", d)))
         try:
-            self.batcher.submit(job, arrival)
+            self.worker.submit(job, arrival)
         except ServiceUnavailableError as exc:
             return self.error_response(api_error(exc))
         self.metrics.requests.labels("200").inc()
@@ -563,7 +620,7 @@ class ServerState:
                     except asyncio.TimeoutError:
                         err = RequestTimeoutError(f"the request did not finish within "
                                                   f"{self.settings.request_timeout_s:g} s")
-                        self.batcher.cancel(job, err)
+                        self.worker.cancel(job, err)
                         yield failure(err)
                         return
                     if kind == "delta":
@@ -585,7 +642,7 @@ class ServerState:
                     return
             finally:
                 if not job.done:
-                    self.batcher.cancel(job, RequestCancelledError("client disconnected"))
+                    self.worker.cancel(job, RequestCancelledError("client disconnected"))
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -619,7 +676,7 @@ async def _read_body(request, limit: int) -> bytes:
 
 
 def create_app(pipe, settings: ServeSettings):
-    """The FastAPI app serving ``pipe`` (the batcher starts and drains with the app's lifespan)."""
+    """The FastAPI app serving ``pipe`` (the worker starts and drains with the app's lifespan)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -653,14 +710,14 @@ def create_app(pipe, settings: ServeSettings):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.monotonic()
-        with state.batcher.arriving() as arrival:
+        with state.worker.arriving() as arrival:
             try:
                 raw = await _read_body(request, settings.max_body_bytes)
-                chat, req, policy, threshold = await run_in_threadpool(state.prepare, raw)
+                chat, seq = await run_in_threadpool(state.prepare, raw)
             except (APIError, DyvteError) as exc:
                 return state.error_response(api_error(exc))
             answer = state.stream if chat.stream else state.complete
-            return await answer(chat, req, policy, threshold, started, arrival)
+            return await answer(chat, seq, started, arrival)
 
     def model_card() -> dict:
         m = pipe.manifest
@@ -683,9 +740,10 @@ def create_app(pipe, settings: ServeSettings):
 
     @app.get("/health")
     async def health():
-        b = state.batcher
+        w = state.worker
         body = {"status": "draining" if state.draining else "ok", "model": state.model_name,
-                "backend": pipe.backend, "queue_depth": b.queue_depth if b else 0, "in_flight": b.in_flight if b else 0}
+                "backend": pipe.backend, "queue_depth": w.queue_depth if w else 0, "in_flight": w.in_flight if w else 0,
+                "rows": {k: w.snapshot[k] for k in ("running", "prefilling", "waiting")} if w else {}}
         return JSONResponse(body, status_code=503 if state.draining else 200)
 
     @app.get("/metrics")
@@ -725,8 +783,11 @@ def serve(settings: ServeSettings) -> None:
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
         logging.getLogger("uvicorn.error").info(  # uvicorn's configured logger: shown with its own lines
-            "dyvte: model %r (%s), backend %s, policy %s, max batch %d, max wait %g ms", state.model_name,
-            settings.engine_dir, pipe.backend, state.default_policy, state._max_batch, settings.max_wait_ms)
+            "dyvte: model %r (%s), backend %s, policy %s, prune %s, max batch %d, KV budget %s, prefill tokens "
+            "per step %s", state.model_name, settings.engine_dir, pipe.backend, state.default_policy,
+            state.default_plan.prune or "none", state._max_batch,
+            f"{settings.kv_budget / 2**20:.0f} MiB" if settings.kv_budget else "none",
+            settings.prefill_tokens or "unbounded")
         # uvicorn re-raises SIGINT/SIGTERM once its graceful shutdown is done; exit 0 then
         previous = {}
         if threading.current_thread() is threading.main_thread():
