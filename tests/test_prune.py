@@ -240,21 +240,24 @@ def test_batch_rows_prune_and_exit_on_their_own(prune_models, name, backend):
         np.testing.assert_allclose(b.logits, a.logits, atol=1e-4, rtol=0, err_msg=str(i))
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_5_vl"])
+@pytest.mark.parametrize("name,prefill_tokens", [("llama_gqa", None), ("qwen2_5_vl", 8)],
+                         ids=["llama_gqa", "qwen2_5_vl-chunked"])
 @pytest.mark.parametrize("backend,options", [("onnxruntime", {}), ("torch", {"device": "cpu", "reuse_caches": True})],
                          ids=["onnxruntime", "torch-pooled"])
-def test_inflight_joins_with_different_specs(prune_models, name, backend, options):
+def test_inflight_joins_with_different_specs(prune_models, name, prefill_tokens, backend, options):
     """Requests with their own specs joining a running batch at different steps answer as alone
-    (a 1-D RoPE and an M-RoPE family)."""
+    (a 1-D RoPE family with whole prefills, an M-RoPE family whose prefills, pruning stages
+    included, are spread over several steps)."""
     from test_scheduler import _run_staggered
 
     from dyvte.runtime import Pipeline
 
     with Pipeline.load(prune_models(name).engine, backend=backend, **options) as pipe:
-        reqs = _mixed_requests(pipe, n_new=(7, 3, 8, 5, 2, 6, 4))
+        n_new = (7, 3, 8, 5, 2, 6, 4) if prefill_tokens is None else (14, 6, 16, 10, 8, 12, 9)  # chunked: long rows
+        reqs = _mixed_requests(pipe, n_new=n_new)
         alone = [pipe.run([r], return_logits=True)[0] for r in reqs]
-        results, sizes = _run_staggered(pipe, reqs, [0, 0, 1, 3, 3, 5, 8])
-        assert max(sizes) >= 3
+        results, sizes, split = _run_staggered(pipe, reqs, [0, 0, 1, 3, 3, 5, 8], prefill_tokens=prefill_tokens)
+        assert max(sizes) >= 3 and (split > 0) == (prefill_tokens is not None)
         for i, (got, want) in enumerate(zip(results, alone)):
             assert (got.token_ids, got.exit_layer, got.segment_tokens) == (want.token_ids, want.exit_layer,
                                                                            want.segment_tokens), i
