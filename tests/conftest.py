@@ -69,6 +69,12 @@ MODELS = {
     # Qwen2.5-VL: the same, with 3 vision blocks of which block 1 attends fully, the others in windows of
     # 3x3 tokens (24 px), so the test images' windows are cut at their edges
     "qwen2_5_vl": (dict(family="qwen2_5_vl", patch_size=4, vision_layers=3, initializer_range=0.05), [1, 2, 3], True),
+    # Qwen3-VL: Qwen3 decoder (q/k norms), interleaved M-RoPE, learned 4x4 vision position grid resampled to each
+    # image, DeepStack from vision blocks 0 and 1 into decoder layers 0 and 1 (an exit at 1 cuts it short)
+    "qwen3_vl": (dict(family="qwen3_vl", patch_size=4, vision_layers=3, initializer_range=0.1), [1, 2, 3], True),
+    # Gemma 3: 32 px SigLIP (patch 4) pooled to 16 tokens, layers [sliding, full, sliding, sliding] with window 8,
+    # image tokens bidirectional, (1 + w) norms randomised, query_pre_attn_scalar 24 != head_dim
+    "gemma3": (dict(family="gemma3", image_size=32, patch_size=4, initializer_range=0.15), [1, 2, 3], True),
 }
 
 #: Image sizes (W, H) that give each family several tile layouts and token counts.
