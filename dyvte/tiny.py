@@ -89,10 +89,11 @@ class TinyLlavaSpec:
     mrope_section: tuple = ()  # qwen: frequency slots of the t, h, w rows (default: head_dim/2 split 1:1.5:1.5)
     deepstack: tuple = (0, 1)  # qwen3_vl: vision blocks whose features DeepStack adds after decoder layers 0, 1, ...
     position_grid: int = 4  # qwen3_vl: side of the learned vision position table
-    layer_types: tuple = ("sliding_attention", "full_attention", "sliding_attention", "sliding_attention")  # gemma3
+    layer_types: tuple = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")  # gemma3
     sliding_window: int = 8  # gemma3
     query_pre_attn_scalar: int = 24  # gemma3 (attention scale 24 ** -0.5, not head_dim ** -0.5)
     mm_tokens_per_image: int = 16  # gemma3: visual tokens per image (the patch grid average-pooled)
+    qk_norm_scale: float = 2.0  # qwen3_vl, gemma3: mean scale of the random q/k norms (1: as initialised)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -354,7 +355,8 @@ class Layout:
     # tokenizer_config.json (its "chat_template" entry); () for none
     chat_template: tuple[str, ...] = ("chat_template.jinja",)
     video_config: bool = False  # video_preprocessor_config.json too (transformers >= 4.52 saves of video families)
-    image_processor_type: str | None = None  # the class name the Hub's preprocessor_config.json gives (default: saved)
+    # the class names the Hub's preprocessor_config.json gives: (saved name prefix, Hub name) pairs
+    image_processor_names: tuple[tuple[str, str], ...] = ()
     pixel_range_keys: bool = True  # Qwen-VL's image size as min_pixels/max_pixels (Qwen2/2.5-VL); else "size" (Qwen3-VL)
 
 
@@ -366,9 +368,10 @@ LAYOUTS = {
     "qwen2.5-vl": Layout("none", ("chat_template.json", "tokenizer_config.json")),  # Qwen/Qwen2.5-VL-7B-Instruct
     "qwen2-vl-early": Layout("none", ("tokenizer_config.json",)),  # early Qwen/Qwen2-VL-* revisions, fine-tunes
     "none-jinja": Layout("none", ("chat_template.jinja",)),  # fine-tunes saved without a processor config
-    "qwen3-vl": Layout("none", ("chat_template.json",), video_config=True, image_processor_type="Qwen2VLImageProcessorFast",
-                       pixel_range_keys=False),  # Qwen/Qwen3-VL-*-Instruct
-    "gemma-3": Layout("separate", ("chat_template.json",), image_processor_type="Gemma3ImageProcessor"),  # google/gemma-3-*-it
+    "qwen3-vl": Layout("none", ("chat_template.json",), video_config=True, pixel_range_keys=False,
+                       image_processor_names=(("Qwen2VL", "Qwen2VLImageProcessorFast"),)),  # Qwen/Qwen3-VL-*-Instruct
+    "gemma-3": Layout("separate", ("chat_template.json",),
+                      image_processor_names=(("Gemma3", "Gemma3ImageProcessor"),)),  # google/gemma-3-*-it
 }
 
 #: Video processors of the processors that have one (written by ``Layout.video_config``).
@@ -397,8 +400,9 @@ def write_layout(out_dir: str | Path, layout: Layout) -> None:
         if image["image_processor_type"].startswith("Qwen2VL") and layout.pixel_range_keys:
             size = image.pop("size")
             image.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-        if layout.image_processor_type:
-            image["image_processor_type"] = layout.image_processor_type
+        for prefix, hub_name in layout.image_processor_names:
+            if image["image_processor_type"].startswith(prefix):
+                image["image_processor_type"] = hub_name
         write("preprocessor_config.json", image)
         if layout.processor_config == "separate" and set(proc) != {"processor_class"}:
             write("processor_config.json", proc)
@@ -446,10 +450,12 @@ def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, mo
             if spec.family == "llava_next":
                 model.model.image_newline.normal_(0.0, 1.0)
             for name, p in model.named_parameters():
-                if spec.family == "gemma3" and ("norm" in name or "mm_input_projection_weight" in name):
-                    p.normal_(0.0, 0.5)  # (1 + w) norms and the projection start at 0: make them matter
-                elif spec.family == "qwen3_vl" and ("q_norm" in name or "k_norm" in name):
-                    p.normal_(1.0, 0.3)
+                # q/k norms set the attention's sharpness (q.k no longer grows with the weights): scale them up;
+                # Gemma's (1 + w) norms and its projection start at 0: make them matter
+                if "q_norm" in name or "k_norm" in name:
+                    p.normal_(spec.qk_norm_scale - (spec.family == "gemma3"), 0.3)
+                elif spec.family == "gemma3" and ("norm" in name or "mm_input_projection_weight" in name):
+                    p.normal_(0.0, 0.5)
         for key, value in (("bos_token_id", BOS_ID), ("eos_token_id", EOS_ID), ("pad_token_id", PAD_ID)):
             setattr(model.generation_config, key, value)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -155,6 +155,12 @@ def generate_with_exit(model, input_ids, vision, exit_layer, max_new_tokens, eos
     embeds, visual, deepstack = _merged_inputs(model, input_ids, vision, prompt_len)
     positions, first = _positions(model, input_ids, vision)
     groups = _groups(model, input_ids, vision, visual)
+    return _generate(model, embeds, positions, first, visual, groups, deepstack, exit_layer, max_new_tokens, eos_ids)
+
+
+def _generate(model, embeds, positions, first, visual, groups, deepstack, exit_layer, max_new_tokens, eos_ids):
+    """The greedy loop of :func:`generate_with_exit` on a prepared prompt (generated tokens: text,
+    at ``first`` + step in every position row)."""
     tokens, logits_out = [], []
     for step in range(max_new_tokens):
         logits = forward_with_exit(model, embeds, positions, visual, exit_layer, groups=groups, deepstack=deepstack)
