@@ -206,3 +206,62 @@ def test_commands_end_to_end(fam, synth_data, tmp_path):
     res = profile(out, "onnxruntime", reps=1, text_tokens=4, decode_tokens=2, progress=False)
     assert res["visual_tokens"] > 0 and res["end_to_end"]["never"]["prefill_gflops"] > 0
     assert lint_folder(Manifest.load(out)).ok
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "gemma3"])
+def test_serve_and_triton_answer_as_the_pipeline(name, tiny_models, pipelines):
+    """dyvte serve (OpenAI chat, an image URL part) and the Triton model run the new families
+    unchanged and answer as the Pipeline does."""
+    from test_serve import ServerThread, png_bytes, user
+    from test_triton import CountingPipe
+
+    from dyvte.triton_repo import TritonModel
+
+    fam = tiny_models(name)
+    pipe = pipelines(fam.engine_dir)
+    img = make_image(2, (90, 40))
+    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": QUESTIONS[0]}]}]
+    want = pipe.run([pipe.encode_chat(messages, 5)], "gate")[0]
+    srv = ServerThread(pipe, max_wait_ms=10)
+    try:
+        res = srv.client().chat.completions.create(model=srv.app.state.dyvte.model_name, messages=user(QUESTIONS[0], img),
+                                                   max_tokens=5)
+    finally:
+        srv.stop()
+    assert res.choices[0].message.content == want.text and res.dyvte["exit_layer"] == want.exit_layer
+    out = TritonModel(CountingPipe(pipe), policy="gate").execute(
+        [{"PROMPT": np.array([[QUESTIONS[0].encode()]], dtype=object),
+          "IMAGE": np.frombuffer(png_bytes(img), np.uint8)[None], "MAX_TOKENS": np.array([[5]], np.int32)}])
+    assert out[0]["TEXT"][0, 0].decode() == pipe.generate(img, QUESTIONS[0], 5, "gate").text
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "gemma3"])
+def test_training_side_exits_equal_the_reference(name, tiny_models):
+    """Gate training's batched exit runs (dyvte/exits.py: right padding, the family's masks and
+    DeepStack) give the reference's teacher-forced logits for each sample, at every exit."""
+    from reference import teacher_forced
+
+    from dyvte.data import Batcher, QA
+    from dyvte.exits import ExitModel
+    from dyvte.models import load_processor
+
+    fam = tiny_models(name)
+    em = ExitModel(fam.hf)
+    batcher = Batcher(load_processor(fam.model_dir), em.family)
+    samples = [QA(make_image(s, size), q, "red", "color") for s, (size, q) in
+               enumerate([((90, 40), QUESTIONS[0]), ((40, 52), QUESTIONS[1])])]
+    batch = batcher(samples)
+    for k in (1, 2, fam.spec.num_layers):
+        with torch.no_grad():
+            logits, index, mask = em.forward(batch.input_ids, batch.vision, batch.attention_mask, k)
+        for i, s in enumerate(samples):
+            n = int(batch.attention_mask[i].sum())
+            ids = batch.input_ids[i: i + 1, :n]
+            vision = batcher.encode(s.question, s.answer, s.image)[2]
+            ref, _ = teacher_forced(fam.hf, ids, vision, k)  # rows: the tokens kept, in order
+            ours = logits[i, mask[i].bool()]
+            kept = index[i, mask[i].bool()]
+            assert len(kept) == len(ref)
+            if k < fam.spec.num_layers:  # an exit: no visual token left
+                assert not (batch.input_ids[i, kept] == em.image_token_id).any()
+            torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)

@@ -167,6 +167,12 @@ class Gemma3(Family):
     def default_max_tiles(self, meta, max_input_len):
         return max(1, max_input_len // int(meta["tokens_per_tile"]))  # as many images as a prompt can hold
 
+    def describe(self, meta):
+        _, h, w = meta["tile_shape"]
+        crops = " (pan-and-scan crops count as images)" if meta["tiles_per_image"] > 1 else ""
+        return (f"images resized to {h}x{w} px, {meta['tokens_per_tile']} visual tokens each, up to {meta['max_tiles']} "
+                f"per prompt{crops}")
+
     # -- run time ----------------------------------------------------------------------------------
     def split(self, meta, inputs, tokens):
         """Each prompt's pixel tiles (256 tokens each) and its row of ``token_type_ids``."""
