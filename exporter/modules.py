@@ -97,9 +97,8 @@ class TextSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "TextSpec":
         data = dict(data)
-        for name in ("mrope_section", "layer_types"):
-            if data.get(name) is not None:
-                data[name] = tuple(data[name])
+        if data.get("layer_types") is not None:
+            data["layer_types"] = tuple(data["layer_types"])
         if data.get("mrope_section") is not None:
             data["mrope_section"] = tuple(int(x) for x in data["mrope_section"])
         return cls(**data)
@@ -408,12 +407,11 @@ def mrope_rows(section, slots: int) -> list[int]:
             for j in range(slots)]
 
 
-def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, section, interleaved: bool = False) -> torch.Tensor:
+def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, section, rows=None) -> torch.Tensor:
     """M-RoPE angles: position_ids [3,B,S] (t, h, w) -> float32 [B,S,hd/2]; frequency chunk i of
-    ``section`` (sizes summing to hd/2) takes its positions from row i % 3, or, ``interleaved``,
-    slot j from row :func:`mrope_rows`[j]."""
-    if interleaved:
-        rows = torch.tensor(mrope_rows(section, inv_freq.shape[0]), device=position_ids.device)
+    ``section`` (sizes summing to hd/2) takes its positions from row i % 3, or, with ``rows``
+    [hd/2] int64 (interleaved: :func:`mrope_rows`), slot j from row rows[j]."""
+    if rows is not None:
         picked = position_ids.index_select(0, rows)  # [hd/2,B,S]: each slot's position row
         return picked.permute(1, 2, 0).float() * inv_freq.float()  # [B,S,hd/2]
     freqs = position_ids[..., None].float() * inv_freq.float()  # [3,B,S,hd/2]
@@ -439,6 +437,8 @@ class DecoderSegment(Float32Frequencies):
         if "sliding" in self.kinds:  # sliding layers rotate with their own table (Gemma 3: local base, unscaled)
             sliding = torch.zeros(spec.rope_dim // 2) if inv_freq_sliding is None else inv_freq_sliding
             self.register_buffer("inv_freq_sliding", sliding.float().clone())
+        if spec.mrope_interleaved:  # a buffer, not a constant made per call: CUDA graphs cannot capture H2D copies
+            self.register_buffer("mrope_rows", torch.tensor(mrope_rows(spec.mrope_section, spec.rope_dim // 2)))
         self.extra_inputs = segment_extra_inputs(spec, start, end)
         # the Llama/Qwen layout: one causal mask and one RoPE table for every layer
         self.plain = not self.extra_inputs or self.extra_inputs == ["deepstack"]
@@ -448,8 +448,8 @@ class DecoderSegment(Float32Frequencies):
         # activation dtype; ``kind`` "sliding": the sliding layers' table
         inv_freq = self.inv_freq_sliding if kind == "sliding" else self.inv_freq
         if self.spec.mrope_section:
-            freqs = mrope_angles(position_ids, inv_freq, self.spec.mrope_section,
-                                 self.spec.mrope_interleaved)  # [B,S,hd/2]
+            rows = self.mrope_rows if self.spec.mrope_interleaved else None
+            freqs = mrope_angles(position_ids, inv_freq, self.spec.mrope_section, rows)  # [B,S,hd/2]
         else:
             freqs = position_ids[..., None].float() * inv_freq.float()  # [B,S,hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -532,14 +532,14 @@ class DecoderSegment(Float32Frequencies):
             rope = {kind: self.rope(position_ids, kind) for kind in allowed}
         deepstack = (data or {}).get("deepstack")
         x, n, last_attn = hidden_states, len(caches), None
-        for i, ((index_, layer), (key, value)) in enumerate(zip(self.layers.items(), caches)):
+        for i, ((layer_index, layer), (key, value)) in enumerate(zip(self.layers.items(), caches)):
             kind = self.kinds[i]
             cos, sin = rope[kind]
             if scores and i == n - 1:
                 x, last_attn = layer.forward_static(x, cos, sin, allowed[kind], key, value, index, length, True)
             else:
                 x = layer.forward_static(x, cos, sin, allowed[kind], key, value, index, length)
-            x = self._deepstack(int(index_), x, deepstack)
+            x = self._deepstack(int(layer_index), x, deepstack)
         return (x, last_attn) if scores else x
 
 
