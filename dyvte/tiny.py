@@ -275,7 +275,8 @@ def _qwen_config(spec: TinyLlavaSpec):
     vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
                   spatial_merge_size=2, temporal_patch_size=2, initializer_range=spec.initializer_range)
     if spec.family == "qwen3_vl":  # Qwen3 decoder (head_dim, q/k norm), interleaved M-RoPE, DeepStack
-        text = {k: v for k, v in text.items() if k not in ("rope_theta", "rope_scaling", "bos_token_id", "eos_token_id")}
+        dropped = ("rope_theta", "rope_scaling", "bos_token_id", "eos_token_id")
+        text = {k: v for k, v in text.items() if k not in dropped}
         text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
                                                         "mrope_section": section, "mrope_interleaved": True})
         vision.update(hidden_size=spec.vision_hidden_size, intermediate_size=spec.vision_intermediate_size,
@@ -357,7 +358,7 @@ class Layout:
     video_config: bool = False  # video_preprocessor_config.json too (transformers >= 4.52 saves of video families)
     # the class names the Hub's preprocessor_config.json gives: (saved name prefix, Hub name) pairs
     image_processor_names: tuple[tuple[str, str], ...] = ()
-    pixel_range_keys: bool = True  # Qwen-VL's image size as min_pixels/max_pixels (Qwen2/2.5-VL); else "size" (Qwen3-VL)
+    pixel_range_keys: bool = True  # Qwen-VL's image size as min_pixels/max_pixels (Qwen2/2.5-VL), else size (Qwen3-VL)
 
 
 #: Layouts published checkpoints come in.

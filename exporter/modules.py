@@ -75,7 +75,7 @@ class TextSpec:
     norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight), in float32 (Gemma: 1.0)
     sandwich_norms: bool = False  # norms on the attention and MLP outputs too, 4 per layer (Gemma 3)
     embed_scale: float | None = None  # embeddings x this, in the weight dtype (Gemma: sqrt(hidden_size))
-    attn_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_scale: float | None = None  # attention logit scale; None: head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention" or "sliding_attention"; None: all full
     sliding_window: int | None = None  # a sliding layer's query sees keys with q_pos - k_pos < sliding_window
     sliding_rope_scaling: float = 1.0  # RoPE cos/sin scale of the sliding layers (their own table, inv_freq_sliding)
@@ -148,7 +148,9 @@ class OffsetRMSNorm(nn.Module):
 
 def make_norm(spec: TextSpec, size: int) -> nn.Module:
     """The decoder's RMSNorm of width ``size``: Llama's, or (1 + w)-scaled when ``spec.norm_offset``."""
-    return OffsetRMSNorm(size, spec.rms_norm_eps, spec.norm_offset) if spec.norm_offset else RMSNorm(size, spec.rms_norm_eps)
+    if spec.norm_offset:
+        return OffsetRMSNorm(size, spec.rms_norm_eps, spec.norm_offset)
+    return RMSNorm(size, spec.rms_norm_eps)
 
 
 def _act(name: str):

@@ -15,7 +15,8 @@ from dyvte.errors import ModelNotFoundError
 from dyvte.tiny import LAYOUTS, Layout, TinyLlavaSpec, build_tiny_llava, write_layout
 
 SPECS = {"llava": "llama_gqa", "llava_next": "llava_next", "internvl": "internvl", "qwen2_vl": "qwen2_vl",
-         "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "gemma3": "gemma3"}  # family -> its tiny fixture in conftest.MODELS
+         "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl",
+         "gemma3": "gemma3"}  # family -> its tiny fixture in conftest.MODELS
 QUESTION = "what color is the circle ?"
 
 
@@ -92,7 +93,8 @@ def test_every_layout_loads_and_encodes_as_saved(folder, family, layout, tmp_pat
     _assert_same(_encode(load_processor(tmp_path, fam)), want)
 
 
-@pytest.mark.parametrize("family,hub", [("qwen2_vl", "qwen2.5-vl"), ("qwen2_5_vl", "qwen2.5-vl"), ("qwen3_vl", "qwen3-vl")])
+@pytest.mark.parametrize("family,hub", [("qwen2_vl", "qwen2.5-vl"), ("qwen2_5_vl", "qwen2.5-vl"),
+                                        ("qwen3_vl", "qwen3-vl")])
 def test_qwen_without_processor_config_exports_the_same_engines(folder, family, hub, tmp_path):
     """Qwen/Qwen2.5-VL-*-Instruct's (Qwen/Qwen3-VL-*-Instruct's) file set exports the saved folder's
     engine folder (every file the same) and generates its tokens."""

@@ -224,8 +224,8 @@ def test_serve_and_triton_answer_as_the_pipeline(name, tiny_models, pipelines):
     want = pipe.run([pipe.encode_chat(messages, 5)], "gate")[0]
     srv = ServerThread(pipe, max_wait_ms=10)
     try:
-        res = srv.client().chat.completions.create(model=srv.app.state.dyvte.model_name, messages=user(QUESTIONS[0], img),
-                                                   max_tokens=5)
+        res = srv.client().chat.completions.create(model=srv.app.state.dyvte.model_name,
+                                                   messages=user(QUESTIONS[0], img), max_tokens=5)
     finally:
         srv.stop()
     assert res.choices[0].message.content == want.text and res.dyvte["exit_layer"] == want.exit_layer

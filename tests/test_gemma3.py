@@ -34,7 +34,8 @@ def _inputs(pipe, seed=1, size=(90, 40), prompt="how many red squares are there 
 def test_decoder_spec_from_the_checkpoint(gemma, pipelines):
     t = pipelines(gemma.engine_dir).manifest.text
     assert (t["qk_norm"], t["norm_offset"], t["sandwich_norms"], t["image_bidirectional"]) == (True, 1.0, True, True)
-    assert t["embed_scale"] == 8.0 and t["attn_scale"] == pytest.approx(24 ** -0.5) and t["hidden_act"] == "gelu_pytorch_tanh"
+    assert t["embed_scale"] == 8.0 and t["attn_scale"] == pytest.approx(24 ** -0.5)
+    assert t["hidden_act"] == "gelu_pytorch_tanh"
     assert t["layer_types"] == list(gemma.spec.layer_types) and t["sliding_window"] == 8
     seg = {p.name: [i["name"] for i in p.inputs] for p in pipelines(gemma.engine_dir).manifest.segments}
     assert "key_positions" in seg["segment_0"] and "key_positions" not in seg["segment_1"]  # full layers: no window

@@ -246,8 +246,8 @@ def test_vision_flops_count_windows_and_full_blocks(qwen, pipelines):
     full_attn = 4 * P * P * E
     if qwen.spec.family == "qwen3_vl":  # full attention everywhere, GELU MLP, the learned position table's
         # 4 taps per patch, and the main merger plus one per DeepStack layer
-        expected = (2 * P * meta["tile_shape"][0] * E + 8 * P * E + depth * (8 * P * E * E + 4 * P * E * M + 4 * P * P * E)
-                    + 3 * 2 * (P // 4) * 4 * E * (4 * E + D))
+        blocks = depth * (8 * P * E * E + 4 * P * E * M + 4 * P * P * E)
+        expected = 2 * P * meta["tile_shape"][0] * E + 8 * P * E + blocks + 3 * 2 * (P // 4) * 4 * E * (4 * E + D)
         assert family.vision_flops(meta, {}, D, 1, [[1, h, w]]) == pytest.approx(expected, rel=1e-12)
         return
     if meta["gated_mlp"]:

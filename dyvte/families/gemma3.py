@@ -121,7 +121,8 @@ class Gemma3(Family):
         shape = [int(vc.num_channels), int(vc.image_size), int(vc.image_size)]
         if (size.get("height"), size.get("width")) != (vc.image_size, vc.image_size):
             raise UnsupportedModelError(f"the image processor resizes to {size}, the vision tower takes "
-                                        f"{vc.image_size}x{vc.image_size}; fix size in the checkpoint's preprocessor config")
+                                        f"{vc.image_size}x{vc.image_size}; fix size in the checkpoint's "
+                                        "preprocessor config")
         tokens = int(config.mm_tokens_per_image)
         if int(processor.image_seq_length) != tokens:
             raise UnsupportedModelError(f"the processor writes {processor.image_seq_length} tokens per image, the "
@@ -170,8 +171,8 @@ class Gemma3(Family):
     def describe(self, meta):
         _, h, w = meta["tile_shape"]
         crops = " (pan-and-scan crops count as images)" if meta["tiles_per_image"] > 1 else ""
-        return (f"images resized to {h}x{w} px, {meta['tokens_per_tile']} visual tokens each, up to {meta['max_tiles']} "
-                f"per prompt{crops}")
+        return (f"images resized to {h}x{w} px, {meta['tokens_per_tile']} visual tokens each, up to "
+                f"{meta['max_tiles']} per prompt{crops}")
 
     # -- run time ----------------------------------------------------------------------------------
     def split(self, meta, inputs, tokens):
