@@ -94,8 +94,10 @@ def _build(name: str, root: Path) -> TinyModel:
     model_dir = build_tiny_llava(spec, root / f"{name}-hf", seed=1)
     gates = gates_file = None
     if with_gates:
-        # Gemma's residual stream is ~10x larger (embeddings x sqrt(d), (1 + w) norms): smaller gates keep p in (0, 1)
-        gates = make_gates(spec.num_layers, spec.hidden_size, scale=0.1 if spec.family == "gemma3" else 2.0)
+        # larger hidden states (Gemma: embeddings x sqrt(d), (1 + w) norms; Qwen3-VL: sharper q/k norms) need smaller
+        # random gates to keep p(exit) spread over (0, 1)
+        scale = {"gemma3": 0.1, "qwen3_vl": 0.5}.get(spec.family, 2.0)
+        gates = make_gates(spec.num_layers, spec.hidden_size, scale=scale)
         gates_file = root / f"{name}-gates.safetensors"
         save_gates(gates_file, gates)
     engine_dir = root / f"{name}-engine"
