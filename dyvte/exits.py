@@ -4,6 +4,9 @@ Used by gate training (labels: normal run vs exit run), VTW-style analyses and t
 training. Sequences are right-padded, teacher-forced (prompt + answer). An exit at layer k
 drops every visual position before layer k; the remaining tokens keep their position ids
 (``[B,S,R]``: R = 3 M-RoPE rows for Qwen-VL, handed to HF as [3,B,S]).
+The attention masks, rotary tables and DeepStack adds of each layer are the family's
+(:meth:`dyvte.families.Family.hf_layer_inputs`, :meth:`~dyvte.families.Family.hf_after_layer`):
+Gemma 3's image blocks and sliding windows and Qwen3-VL's DeepStack follow the tokens present.
 The runtime implements the same semantics for deployment (runtime/dispatch.py); the tests check
 both against an independent reference.
 """
@@ -24,6 +27,8 @@ class Seq:
     mask: torch.Tensor  # 1 = real token
     visual: torch.Tensor  # bool
     index: torch.Tensor  # original column of each token (to align labels after an exit)
+    groups: torch.Tensor | None = None  # [B,S] image number 1, 2, ... of each visual token, 0 elsewhere
+    deepstack: torch.Tensor | None = None  # [B,S,k,D] DeepStack features at the visual positions, 0 elsewhere
 
 
 class ExitModel:
@@ -48,13 +53,21 @@ class ExitModel:
         visual = (input_ids == self.image_token_id) & attention_mask.bool()
         ids = input_ids.masked_fill(visual, 0)
         x = self.lm.embed_tokens(ids)
+        deepstack = None
         if visual.any():
             feats = image_features if image_features is not None else self.image_features(vision)
+            if isinstance(feats, dict):  # DeepStack families
+                ds = feats["deepstack"]
+                deepstack = x.new_zeros((*visual.shape, *ds.shape[1:]))
+                deepstack[visual] = ds.to(x.dtype)
+                feats = feats["features"]
             x = x.masked_scatter(visual[..., None], feats.reshape(-1, x.shape[-1]).to(x.dtype))
         inputs = vision if isinstance(vision, dict) or vision is None else {"pixel_values": vision}
         pos = self.family.hf_positions(self.model, input_ids, attention_mask, inputs)  # [B,S,R]
         idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return Seq(x, pos, attention_mask, visual, idx)
+        starts = visual & ~torch.cat([torch.zeros_like(visual[:, :1]), visual[:, :-1]], 1)  # each image's first token
+        groups = starts.long().cumsum(1) * visual
+        return Seq(x, pos, attention_mask, visual, idx, groups, deepstack)
 
     @staticmethod
     def hf_position_ids(position_ids):
@@ -63,20 +76,18 @@ class ExitModel:
 
     def layers(self, s: Seq, start: int, end: int, collect=()) -> tuple[Seq, dict]:
         """Run decoder layers [start, end); ``collect``: layers whose input hidden state to keep."""
-        B, S = s.mask.shape
-        causal = torch.ones(S, S, dtype=torch.bool, device=s.mask.device).tril()
-        allowed = causal[None] & s.mask.bool()[:, None, :]
-        bias = torch.zeros(B, 1, S, S, dtype=s.hidden.dtype, device=s.hidden.device)
-        bias = bias.masked_fill(~allowed[:, None], torch.finfo(s.hidden.dtype).min)
         pos = self.hf_position_ids(s.position_ids)
-        cos_sin = self.lm.rotary_emb(s.hidden, pos)
+        groups = s.groups if s.groups is not None else torch.zeros_like(s.mask)
+        per_layer = self.family.hf_layer_inputs(self.lm, s.hidden, pos, s.mask, groups)
         x, kept = s.hidden, {}
         for i in range(start, end):
             if i in collect:
                 kept[i] = x
+            bias, cos_sin = per_layer[i]
             x = self.lm.layers[i](x, attention_mask=bias, position_ids=pos, position_embeddings=cos_sin)
             x = x[0] if isinstance(x, tuple) else x
-        return Seq(x, s.position_ids, s.mask, s.visual, s.index), kept
+            x = self.family.hf_after_layer(i, x, s.deepstack)
+        return Seq(x, s.position_ids, s.mask, s.visual, s.index, s.groups, s.deepstack), kept
 
     def head(self, hidden):
         return self.family.lm_head(self.model)(self.lm.norm(hidden))

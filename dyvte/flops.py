@@ -15,7 +15,11 @@ Choosing the pruned tokens (FastV's scores, DivPrune's distances) is not counted
 ViT patch embedding, layers up to the feature layer, projector; Qwen-VL per image, with full or
 window attention per block and the patch merger) and the lm_head on the last token
 are included; the gate adds 2·(2d·h + 2h) per evaluation. Norms, RoPE, softmax and residual adds
-are ignored (< 1%).
+are ignored (< 1%), and so are the elementwise extras of Qwen3-VL and Gemma 3 (q/k norms, Gemma's
+two more norms per layer and embedding scale, DeepStack adds). Gemma 3's sliding windows are not
+subtracted: the segment graphs compute every query-key score and mask the ones outside the window,
+so the attention costs what it costs in full layers (and a window of 1,024 tokens spans most
+prompts: 256 tokens per image).
 """
 
 from __future__ import annotations

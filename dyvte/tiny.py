@@ -1,6 +1,6 @@
-"""Small VLM checkpoints built from code (LLaVA-1.5, LLaVA-NeXT, InternVL, Qwen2-VL, Qwen2.5-VL): a word-level
-tokenizer, the family's processor with a chat template, and a randomly initialised model saved in
-HF format.
+"""Small VLM checkpoints built from code (LLaVA-1.5, LLaVA-NeXT, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Gemma 3): a word-level tokenizer, the family's processor with a chat template, and a randomly
+initialised model saved in HF format.
 
 Used for the embedded demo model, the tests and the benchmarks; every checkpoint is a normal
 HF folder, so it goes through exactly the loading path a downloaded model does.
@@ -22,7 +22,10 @@ INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "c
 #: delimiters around each image.
 QWEN_VL_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                   "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+#: Gemma 3's image tokens: the delimiters around each image (text) and the placeholder the features fill.
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
 
 def chat_template(image: str = "<image>") -> str:
@@ -75,7 +78,7 @@ class TinyLlavaSpec:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rope_theta: float = 10000.0
-    family: str = "llava"  # llava | llava_next | internvl | qwen2_vl | qwen2_5_vl
+    family: str = "llava"  # llava | llava_next | internvl | qwen2_vl | qwen2_5_vl | qwen3_vl | gemma3
     grid_pinpoints: tuple = ()  # llava_next (H, W) pairs; default 1x2, 2x1 and 2x2 tiles
     downsample_ratio: float = 0.5  # internvl pixel shuffle
     max_patches: int = 6  # internvl tiles per image (+ a thumbnail)
@@ -84,12 +87,21 @@ class TinyLlavaSpec:
     window_size: int = 0  # qwen2_5_vl window side in pixels (0: 3 merged units)
     full_blocks: tuple = (1,)  # qwen2_5_vl full-attention vision blocks
     mrope_section: tuple = ()  # qwen: frequency slots of the t, h, w rows (default: head_dim/2 split 1:1.5:1.5)
+    deepstack: tuple = (0, 1)  # qwen3_vl: vision blocks whose features DeepStack adds after decoder layers 0, 1, ...
+    position_grid: int = 4  # qwen3_vl: side of the learned vision position table
+    layer_types: tuple = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")  # gemma3
+    sliding_window: int = 8  # gemma3
+    query_pre_attn_scalar: int = 24  # gemma3 (attention scale 24 ** -0.5, not head_dim ** -0.5)
+    mm_tokens_per_image: int = 16  # gemma3: visual tokens per image (the patch grid average-pooled)
+    qk_norm_scale: float = 2.0  # qwen3_vl, gemma3: mean scale of the random q/k norms (1: as initialised)
 
     @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per tile (LLaVA-1.5: per image; Qwen-VL: fewest per image)."""
         if self.family in QWEN_FAMILIES:
             return max(1, -(-self.pixel_range[0] // (2 * self.patch_size) ** 2))
+        if self.family == "gemma3":
+            return self.mm_tokens_per_image
         n = (self.image_size // self.patch_size) ** 2
         if self.family == "internvl":
             return int(n * self.downsample_ratio ** 2)
@@ -113,6 +125,8 @@ class TinyLlavaSpec:
             return dict(INTERNVL_TOKENS)
         if self.family in QWEN_FAMILIES:
             return dict(QWEN_VL_TOKENS)
+        if self.family == "gemma3":
+            return dict(GEMMA3_TOKENS)
         return {"image_token": "<image>"}
 
     @property
@@ -126,6 +140,8 @@ class TinyLlavaSpec:
         """What the chat template writes for one image."""
         if self.family in QWEN_FAMILIES:
             return "<|vision_start|><|image_pad|><|vision_end|>"
+        if self.family == "gemma3":
+            return GEMMA3_TOKENS["boi_token"]  # the processor expands it into boi, the soft tokens, eoi
         return self.image_placeholder
 
     @property
@@ -174,10 +190,18 @@ def build_processor(spec: TinyLlavaSpec):
         from .families.qwen_vl import image_only_processor_class
 
         lo, hi = spec.pixel_range
+        norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if spec.family == "qwen3_vl" else {}
         ip = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi, patch_size=spec.patch_size, merge_size=2,
-                                      temporal_patch_size=2)
+                                      temporal_patch_size=2, **norm)
         cls = image_only_processor_class(family_named(spec.family).stock_processor)
         return cls(image_processor=ip, tokenizer=tokenizer, chat_template=template)
+    if spec.family == "gemma3":
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        ip = Gemma3ImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
+        return Gemma3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_length=spec.mm_tokens_per_image,
+                               chat_template=template)
     if spec.family == "llava_next":
         from transformers import LlavaNextProcessor
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -212,8 +236,28 @@ def build_processor(spec: TinyLlavaSpec):
     )
 
 
+def _gemma3_config(spec: TinyLlavaSpec):
+    from transformers import Gemma3Config
+
+    ids = {name: spec.vocab.index(tok) for name, tok in GEMMA3_TOKENS.items()}
+    text = dict(vocab_size=len(spec.vocab), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                num_key_value_heads=spec.num_kv_heads, head_dim=spec.hidden_size // spec.num_heads,
+                query_pre_attn_scalar=spec.query_pre_attn_scalar, sliding_window=spec.sliding_window,
+                layer_types=list(spec.layer_types), max_position_embeddings=spec.max_position_embeddings,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": spec.rope_theta},
+                                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=spec.initializer_range)
+    vision = dict(hidden_size=spec.vision_hidden_size, intermediate_size=spec.vision_intermediate_size,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                  image_size=spec.image_size, patch_size=spec.patch_size, vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=spec.mm_tokens_per_image,
+                        boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                        image_token_index=ids["image_token"], initializer_range=spec.initializer_range)
+
+
 def _qwen_config(spec: TinyLlavaSpec):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     head_dim = spec.hidden_size // spec.num_heads
     half = head_dim // 2
@@ -230,6 +274,18 @@ def _qwen_config(spec: TinyLlavaSpec):
                   tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
                   spatial_merge_size=2, temporal_patch_size=2, initializer_range=spec.initializer_range)
+    if spec.family == "qwen3_vl":  # Qwen3 decoder (head_dim, q/k norm), interleaved M-RoPE, DeepStack
+        dropped = ("rope_theta", "rope_scaling", "bos_token_id", "eos_token_id")
+        text = {k: v for k, v in text.items() if k not in dropped}
+        text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
+                                                        "mrope_section": section, "mrope_interleaved": True})
+        vision.update(hidden_size=spec.vision_hidden_size, intermediate_size=spec.vision_intermediate_size,
+                      out_hidden_size=spec.hidden_size, num_position_embeddings=spec.position_grid ** 2,
+                      deepstack_visual_indexes=list(spec.deepstack))
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                             **{k: v for k, v in common.items() if k not in ("text_config", "tie_word_embeddings",
+                                                                             "bos_token_id", "eos_token_id",
+                                                                             "pad_token_id")})
     if spec.family == "qwen2_vl":
         return Qwen2VLConfig(vision_config=dict(vision, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
                                                 mlp_ratio=spec.vision_intermediate_size // spec.vision_hidden_size),
@@ -246,6 +302,8 @@ def build_config(spec: TinyLlavaSpec):
 
     if spec.family in QWEN_FAMILIES:
         return _qwen_config(spec)
+    if spec.family == "gemma3":
+        return _gemma3_config(spec)
 
     text_kwargs = dict(
         hidden_size=spec.hidden_size,
@@ -298,6 +356,9 @@ class Layout:
     # tokenizer_config.json (its "chat_template" entry); () for none
     chat_template: tuple[str, ...] = ("chat_template.jinja",)
     video_config: bool = False  # video_preprocessor_config.json too (transformers >= 4.52 saves of video families)
+    # the class names the Hub's preprocessor_config.json gives: (saved name prefix, Hub name) pairs
+    image_processor_names: tuple[tuple[str, str], ...] = ()
+    pixel_range_keys: bool = True  # Qwen-VL's image size as min_pixels/max_pixels (Qwen2/2.5-VL), else size (Qwen3-VL)
 
 
 #: Layouts published checkpoints come in.
@@ -308,17 +369,21 @@ LAYOUTS = {
     "qwen2.5-vl": Layout("none", ("chat_template.json", "tokenizer_config.json")),  # Qwen/Qwen2.5-VL-7B-Instruct
     "qwen2-vl-early": Layout("none", ("tokenizer_config.json",)),  # early Qwen/Qwen2-VL-* revisions, fine-tunes
     "none-jinja": Layout("none", ("chat_template.jinja",)),  # fine-tunes saved without a processor config
+    "qwen3-vl": Layout("none", ("chat_template.json",), video_config=True, pixel_range_keys=False,
+                       image_processor_names=(("Qwen2VL", "Qwen2VLImageProcessorFast"),)),  # Qwen/Qwen3-VL-*-Instruct
+    "gemma-3": Layout("separate", ("chat_template.json",),
+                      image_processor_names=(("Gemma3", "Gemma3ImageProcessor"),)),  # google/gemma-3-*-it
 }
 
 #: Video processors of the processors that have one (written by ``Layout.video_config``).
 VIDEO_PROCESSORS = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-                    "InternVLProcessor": "InternVLVideoProcessor"}
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "InternVLProcessor": "InternVLVideoProcessor"}
 
 
 def write_layout(out_dir: str | Path, layout: Layout) -> None:
     """Rewrite the processor files of a folder saved by transformers 5 into ``layout``, with exactly
-    the files a checkpoint of that layout has (Qwen-VL's image processor as its Hub files write it:
-    ``min_pixels``/``max_pixels``)."""
+    the files a checkpoint of that layout has (Qwen2/2.5-VL's image processor as their Hub files write
+    it: ``min_pixels``/``max_pixels``)."""
     import json
 
     out_dir = Path(out_dir)
@@ -333,9 +398,12 @@ def write_layout(out_dir: str | Path, layout: Layout) -> None:
     cls = proc["processor_class"]
     if layout.processor_config != "nested":
         image = {**proc.pop("image_processor"), "processor_class": cls}
-        if image["image_processor_type"].startswith("Qwen2VL"):
+        if image["image_processor_type"].startswith("Qwen2VL") and layout.pixel_range_keys:
             size = image.pop("size")
             image.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        for prefix, hub_name in layout.image_processor_names:
+            if image["image_processor_type"].startswith(prefix):
+                image["image_processor_type"] = hub_name
         write("preprocessor_config.json", image)
         if layout.processor_config == "separate" and set(proc) != {"processor_class"}:
             write("processor_config.json", proc)
@@ -382,6 +450,13 @@ def build_tiny_llava(spec: TinyLlavaSpec, out_dir: str | Path, seed: int = 0, mo
                     layer.lambda_2.uniform_(0.5, 1.5)
             if spec.family == "llava_next":
                 model.model.image_newline.normal_(0.0, 1.0)
+            for name, p in model.named_parameters():
+                # q/k norms set the attention's sharpness (q.k no longer grows with the weights): scale them up;
+                # Gemma's (1 + w) norms and its projection start at 0: make them matter
+                if "q_norm" in name or "k_norm" in name:
+                    p.normal_(spec.qk_norm_scale - (spec.family == "gemma3"), 0.3)
+                elif spec.family == "gemma3" and ("norm" in name or "mm_input_projection_weight" in name):
+                    p.normal_(0.0, 0.5)
         for key, value in (("bos_token_id", BOS_ID), ("eos_token_id", EOS_ID), ("pad_token_id", PAD_ID)):
             setattr(model.generation_config, key, value)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -93,24 +93,36 @@ def profile(engine_dir, backend: str = "auto", reps: int = 10, text_tokens: int 
     if m.text.get("mrope_section"):
         pos = pos.expand(3, 1, T)  # M-RoPE rows (t, h, w), the segment graph's [3,B,S]
     mask = torch.ones(1, T + decode_tokens + reps + 2, dtype=torch.int64, device=dev)
+    slots = torch.arange(mask.shape[1], device=dev)[None]  # key positions: the prompt counts up, then decoding
+    image = (slots < V).long()  # token groups: the prompt's first V tokens are one image
+    d = pipe.dispatcher
+
+    def extra(j, keys: slice, new: int):
+        """The inputs segment j takes besides the standard ones (the family's, as the dispatcher feeds them)."""
+        out = {name: {"key_positions": slots, "token_groups": image}[name][:, keys] for name in d.key_inputs[j]}
+        for name, (shape, dtype) in d.data_inputs[j].items():
+            out[name] = torch.zeros(1, new, *shape, dtype=getattr(torch, dtype), device=dev)
+        return out or None
+
     parts = {}
     with torch.inference_mode():
         parts["vision"] = _median_time(lambda: r.vision(feeds), r, reps)
         parts["embed"] = _median_time(lambda: r.embed(ids), r, reps)
         for j, seg in enumerate(m.segments):
             def full():
-                r.segment(j, hidden, pos, mask[:, :T], r.new_cache(j, 1, T + 1), "full")
+                r.segment(j, hidden, pos, mask[:, :T], r.new_cache(j, 1, T + 1), "full", extra(j, slice(0, T), T))
 
             def text():
                 r.segment(j, hidden[:, V:], pos[..., V:], mask[:, :text_tokens], r.new_cache(j, 1, text_tokens + 1),
-                          "text")
+                          "text", extra(j, slice(V, T), text_tokens))
 
             cache = r.new_cache(j, 1, T + reps + 2)
-            r.segment(j, hidden, pos, mask[:, :T], cache, "full")
+            r.segment(j, hidden, pos, mask[:, :T], cache, "full", extra(j, slice(0, T), T))
 
             def decode():
                 P = cache.length
-                r.segment(j, hidden[:, -1:], pos[..., -1:] + 1, mask[:, : P + 1], cache, "decode")
+                r.segment(j, hidden[:, -1:], pos[..., -1:] + 1, mask[:, : P + 1], cache, "decode",
+                          extra(j, slice(0, P + 1), 1))
 
             parts[f"{seg.name} full"] = _median_time(full, r, reps)
             parts[f"{seg.name} text"] = _median_time(text, r, reps)

@@ -22,6 +22,22 @@ Attention is plain MatMul/Softmax (no If/Loop, no ONNX Attention op); the causal
 mask is built inside from P = T - S; position math (RoPE frequencies, cos/sin and the rotation),
 RMSNorm and softmax run in float32 whatever the activation dtype. The torch backend runs the
 same modules through ``forward_static`` (preallocated caches, fused attention).
+
+One decoder implementation serves every family; :class:`TextSpec` switches what differs: q/k
+RMSNorm (Qwen3, Gemma 3), RMSNorm scaled by (1 + w) and norms on the attention and MLP outputs
+(Gemma 3), an embedding scale, the attention logit scale, interleaved M-RoPE (Qwen3-VL), per-layer
+attention types with a sliding window and their own RoPE table (Gemma 3), bidirectional attention
+among an image's tokens (Gemma 3) and DeepStack adds (Qwen3-VL). Segments whose layers need them
+take more inputs (:func:`segment_extra_inputs`), after ``attention_mask``:
+
+    key_positions [B,P+S] int64   1-D position of every key (sliding-window layers)
+    token_groups  [B,P+S] int64   image number 1, 2, ... of every visual token, 0 elsewhere
+    deepstack     [B,S,n,D]       the n DeepStack features at the visual positions, 0 elsewhere
+
+The rule for all of them: the mask among the tokens present at a layer is the full model's mask
+restricted to them. A key is seen when it is not padding and comes before the query in cache
+order or belongs to the query's image, and, in a sliding layer, ``q_pos - k_pos < sliding_window``
+(positions, not cache slots: an exit or pruning removes tokens, not positions).
 """
 
 from __future__ import annotations
@@ -52,11 +68,28 @@ class TextSpec:
     mlp_bias: bool
     max_position_embeddings: int
     mrope_section: tuple[int, ...] | None = None  # M-RoPE: frequency slots per (t, h, w) chunk; None = 1-D RoPE
+    # Qwen3-VL's layout: slot j takes row h when j % 3 == 1 and j < 3 * section[1], w when j % 3 == 2
+    # and j < 3 * section[2], else t (instead of contiguous chunks)
+    mrope_interleaved: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight), in float32 (Gemma: 1.0)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too, 4 per layer (Gemma 3)
+    embed_scale: float | None = None  # embeddings x this, in the weight dtype (Gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # attention logit scale; None: head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
+    layer_types: tuple[str, ...] | None = None  # per layer "full_attention" or "sliding_attention"; None: all full
+    sliding_window: int | None = None  # a sliding layer's query sees keys with q_pos - k_pos < sliding_window
+    sliding_rope_scaling: float = 1.0  # RoPE cos/sin scale of the sliding layers (their own table, inv_freq_sliding)
+    image_bidirectional: bool = False  # an image's tokens attend to each other in both directions (Gemma 3)
+    deepstack_layers: int = 0  # DeepStack: layer i < n adds the i-th vision feature at the visual positions
 
     @property
     def rope_rows(self) -> int:
         """Position-id rows per token: 3 for M-RoPE, else 1."""
         return 3 if self.mrope_section else 1
+
+    def sliding(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` attends in a sliding window."""
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,9 +97,24 @@ class TextSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "TextSpec":
         data = dict(data)
+        if data.get("layer_types") is not None:
+            data["layer_types"] = tuple(data["layer_types"])
         if data.get("mrope_section") is not None:
             data["mrope_section"] = tuple(int(x) for x in data["mrope_section"])
         return cls(**data)
+
+
+def segment_extra_inputs(spec: TextSpec, start: int, end: int) -> list[str]:
+    """Inputs segment [start, end) takes besides hidden_states, position_ids, attention_mask and
+    the cache, in graph order (see module docstring)."""
+    names = []
+    if any(spec.sliding(i) for i in range(start, end)):
+        names.append("key_positions")
+    if spec.image_bidirectional:
+        names.append("token_groups")
+    if start < spec.deepstack_layers:
+        names.append("deepstack")
+    return names
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +130,27 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (offset + weight), all in float32, cast back at the end."""
+
+    def __init__(self, size: int, eps: float, offset: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (self.offset + self.weight.float())).to(x.dtype)
+
+
+def make_norm(spec: TextSpec, size: int) -> nn.Module:
+    """The decoder's RMSNorm of width ``size``: Llama's, or (1 + w)-scaled when ``spec.norm_offset``."""
+    if spec.norm_offset:
+        return OffsetRMSNorm(size, spec.rms_norm_eps, spec.norm_offset)
+    return RMSNorm(size, spec.rms_norm_eps)
 
 
 def _act(name: str):
@@ -186,6 +255,25 @@ class Attention(nn.Module):
         return (out, self.last_attention(q, key, allowed[:, -1])) if last else out
 
 
+class QKNormAttention(Attention):
+    """Attention with a per-head RMSNorm of q and k (``q_norm``, ``k_norm`` on head_dim) before RoPE."""
+
+    def __init__(self, spec: TextSpec):
+        super().__init__(spec)
+        self.q_norm = make_norm(spec, spec.head_dim)
+        self.k_norm = make_norm(spec, spec.head_dim)
+
+    def project(self, x, cos, sin):
+        """x [B,S,D] -> normed and rotated q [B,H,S,hd], k and v [B,Hkv,S,hd]."""
+        B, S = x.shape[0], x.shape[1]
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q = self.q_norm(q.reshape(B, S, h, hd)).transpose(1, 2)  # [B,H,S,hd]
+        k = self.k_norm(k.reshape(B, S, hkv, hd)).transpose(1, 2)  # [B,Hkv,S,hd]
+        v = v.reshape(B, S, hkv, hd).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class MLP(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
@@ -213,28 +301,41 @@ def layer_state_from_hf(state: dict) -> dict:
 
 
 class DecoderLayer(nn.Module):
-    """A pre-norm Llama-family decoder layer (HF names, fused qkv and gate/up projections)."""
+    """A pre-norm decoder layer (HF names, fused qkv and gate/up projections): Llama's, with q/k
+    norms (``spec.qk_norm``) and, for Gemma 3, norms on the attention and MLP outputs too."""
 
     def __init__(self, spec: TextSpec):
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        d = spec.hidden_size
+        self.input_layernorm = make_norm(spec, d)
+        self.self_attn = QKNormAttention(spec) if spec.qk_norm else Attention(spec)
+        if spec.attn_scale is not None:
+            self.self_attn.scaling = spec.attn_scale
+        self.post_attention_layernorm = make_norm(spec, d)  # Llama: the MLP's input norm; Gemma: the attention output's
+        self.sandwich = spec.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(spec, d)
+            self.post_feedforward_layernorm = make_norm(spec, d)
         self.mlp = MLP(spec)
+
+    def _add(self, x, attn):
+        """The residual adds after attention output ``attn``: x + attn, then the MLP block."""
+        if not self.sandwich:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
     def forward(self, x, cos, sin, bias, past_key, past_value, last: bool = False):
         """-> (x, key, value), or (x, last-query attention [B,T], key, value) with ``last``."""
         out = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_key, past_value, last)
-        x = x + out[0]
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return (x, *out[1:])
+        return (self._add(x, out[0]), *out[1:])
 
     def forward_static(self, x, cos, sin, allowed, cache_key, cache_value, index, length=None, last: bool = False):
         out = self.self_attn.forward_static(self.input_layernorm(x), cos, sin, allowed, cache_key, cache_value, index,
                                             length, last)
         attn, scores = out if last else (out, None)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = self._add(x, attn)
         return (x, scores) if last else x
 
 
@@ -255,6 +356,31 @@ def attention_allowed(attention_mask: torch.Tensor, query_len, start=None, self_
     return allowed
 
 
+def layer_allowed(attention_mask, query_len, start=None, self_always: bool = False, window=None, positions=None,
+                  groups=None) -> torch.Tensor:
+    """:func:`attention_allowed` with the family rules (see module docstring): ``groups`` (q [B,S],
+    k [B,T] image numbers, 0 = not visual) also lets a query see its own image's keys in either
+    direction; ``window`` with ``positions`` (q [B,S], k [B,T]) keeps keys with q_pos - k_pos < window."""
+    allowed = attention_allowed(attention_mask, query_len, start)  # [B,S,T]
+    if groups is not None:
+        q_grp, k_grp = groups
+        same = (q_grp[:, :, None] == k_grp[:, None, :]) & (q_grp > 0)[:, :, None]
+        allowed = allowed | (same & attention_mask[:, None, :].bool())
+    if window is not None:
+        q_pos, k_pos = positions
+        allowed = allowed & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+    if self_always:
+        T = attention_mask.shape[1]
+        q_idx = torch.arange(query_len, device=attention_mask.device) + (T - query_len if start is None else start)
+        allowed = allowed | (torch.arange(T, device=attention_mask.device)[None, :] == q_idx[:, None])[None]
+    return allowed
+
+
+def bias_of(allowed: torch.Tensor) -> torch.Tensor:
+    """Additive float32 mask [B,1,1,S,T] of allowed [B,S,T] (0 or the float32 minimum)."""
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
+
+
 def attention_bias(attention_mask: torch.Tensor, query_len, start=None) -> torch.Tensor:
     """Additive float32 mask [B,1,1,S,T] of :func:`attention_allowed`. A fully masked row (a
     left-padding query) gets equal scores, never NaN."""
@@ -263,20 +389,33 @@ def attention_bias(attention_mask: torch.Tensor, query_len, start=None) -> torch
 
 
 class Float32Frequencies(nn.Module):
-    """A module whose ``inv_freq`` buffer stays float32 under ``.to(dtype)`` / ``.half()`` (an fp16
-    inv_freq is off by whole radians at positions in the thousands); it follows device moves."""
+    """A module whose ``inv_freq`` buffers (``inv_freq``, ``inv_freq_sliding``) stay float32 under
+    ``.to(dtype)`` / ``.half()`` (an fp16 inv_freq is off by whole radians at positions in the
+    thousands); they follow device moves."""
 
     def _apply(self, fn, recurse=True):
-        inv_freq = self.inv_freq
+        kept = {n: b for n, b in self._buffers.items() if n.startswith("inv_freq") and b is not None}
         super()._apply(fn, recurse)
-        if inv_freq.device.type != "meta" or self.inv_freq.device.type == "meta":
-            self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if before.device.type != "meta" or after.device.type == "meta":
+                self._buffers[name] = before.to(after.device, torch.float32)
         return self
 
 
-def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, section) -> torch.Tensor:
+def mrope_rows(section, slots: int) -> list[int]:
+    """Interleaved M-RoPE (Qwen3-VL): the position row (0 t, 1 h, 2 w) of each frequency slot."""
+    return [1 if j % 3 == 1 and j < 3 * section[1] else 2 if j % 3 == 2 and j < 3 * section[2] else 0
+            for j in range(slots)]
+
+
+def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, section, rows=None) -> torch.Tensor:
     """M-RoPE angles: position_ids [3,B,S] (t, h, w) -> float32 [B,S,hd/2]; frequency chunk i of
-    ``section`` (sizes summing to hd/2) takes its positions from row i % 3."""
+    ``section`` (sizes summing to hd/2) takes its positions from row i % 3, or, with ``rows``
+    [hd/2] int64 (interleaved: :func:`mrope_rows`), slot j from row rows[j]."""
+    if rows is not None:
+        picked = position_ids.index_select(0, rows)  # [hd/2,B,S]: each slot's position row
+        return picked.permute(1, 2, 0).float() * inv_freq.float()  # [B,S,hd/2]
     freqs = position_ids[..., None].float() * inv_freq.float()  # [3,B,S,hd/2]
     chunks, at = [], 0
     for i, n in enumerate(section):
@@ -288,23 +427,35 @@ def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, section) ->
 class DecoderSegment(Float32Frequencies):
     """Decoder layers [start, end) with KV cache in and out (see module docstring)."""
 
-    def __init__(self, spec: TextSpec, start: int, end: int, inv_freq: torch.Tensor | None = None):
+    def __init__(self, spec: TextSpec, start: int, end: int, inv_freq: torch.Tensor | None = None,
+                 inv_freq_sliding: torch.Tensor | None = None):
         super().__init__()
         self.spec, self.start, self.end = spec, start, end
         self.layers = nn.ModuleDict({str(i): DecoderLayer(spec) for i in range(start, end)})
         if inv_freq is None:
             inv_freq = torch.zeros(spec.rope_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float().clone())
+        self.kinds = ["sliding" if spec.sliding(i) else "full" for i in range(start, end)]  # per layer
+        if "sliding" in self.kinds:  # sliding layers rotate with their own table (Gemma 3: local base, unscaled)
+            sliding = torch.zeros(spec.rope_dim // 2) if inv_freq_sliding is None else inv_freq_sliding
+            self.register_buffer("inv_freq_sliding", sliding.float().clone())
+        if spec.mrope_interleaved:  # a buffer, not a constant made per call: CUDA graphs cannot capture H2D copies
+            self.register_buffer("mrope_rows", torch.tensor(mrope_rows(spec.mrope_section, spec.rope_dim // 2)))
+        self.extra_inputs = segment_extra_inputs(spec, start, end)
+        # the Llama/Qwen layout: one causal mask and one RoPE table for every layer
+        self.plain = not self.extra_inputs or self.extra_inputs == ["deepstack"]
 
-    def rope(self, position_ids: torch.Tensor):
+    def rope(self, position_ids: torch.Tensor, kind: str = "full"):
         # position_ids: [B,S] (or [3,B,S] with M-RoPE) -> float32 cos/sin [B,1,S,hd], whatever the
-        # activation dtype
+        # activation dtype; ``kind`` "sliding": the sliding layers' table
+        inv_freq = self.inv_freq_sliding if kind == "sliding" else self.inv_freq
         if self.spec.mrope_section:
-            freqs = mrope_angles(position_ids, self.inv_freq, self.spec.mrope_section)  # [B,S,hd/2]
+            rows = self.mrope_rows if self.spec.mrope_interleaved else None
+            freqs = mrope_angles(position_ids, inv_freq, self.spec.mrope_section, rows)  # [B,S,hd/2]
         else:
-            freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B,S,hd/2]
+            freqs = position_ids[..., None].float() * inv_freq.float()  # [B,S,hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        scale = self.spec.attention_scaling
+        scale = self.spec.sliding_rope_scaling if kind == "sliding" else self.spec.attention_scaling
         return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]
 
     @property
@@ -313,14 +464,49 @@ class DecoderSegment(Float32Frequencies):
         layer): every segment but the last."""
         return self.end < self.spec.num_layers
 
-    def forward(self, hidden_states, position_ids, attention_mask, *past):
-        cos, sin = self.rope(position_ids)
-        bias = attention_bias(attention_mask, hidden_states.shape[1])
+    def _masks(self, attention_mask, position_ids, keys: dict, S: int, start=None, self_always=False) -> dict:
+        """{kind: allowed [B,S,T]} for the kinds of layer in this segment (family rules): the query
+        positions are ``position_ids`` (row t with M-RoPE), the query groups the last S keys' when
+        ``start`` is None, else the keys' at slots start..start+S-1."""
+        q_pos = position_ids if position_ids.dim() == 2 else position_ids[0]  # [B,S]
+        groups = None
+        if "token_groups" in keys:
+            k_grp = keys["token_groups"]
+            if start is None:
+                q_grp = k_grp[:, k_grp.shape[1] - S:]
+            else:
+                q_grp = k_grp.index_select(1, start + torch.arange(S, device=k_grp.device))
+            groups = (q_grp, k_grp)
+        masks = {}
+        for kind in sorted(set(self.kinds)):
+            window = self.spec.sliding_window if kind == "sliding" else None
+            masks[kind] = layer_allowed(attention_mask, S, start, self_always, window,
+                                        (q_pos, keys.get("key_positions")), groups)
+        return masks
+
+    def _deepstack(self, index: int, x, deepstack):
+        """DeepStack: after layer ``index`` < n, add its feature (0 at non-visual positions)."""
+        if deepstack is None or index >= self.spec.deepstack_layers:
+            return x
+        return x + deepstack[:, :, index].to(x.dtype)
+
+    def forward(self, hidden_states, position_ids, attention_mask, *inputs):
+        # inputs: the extra inputs (self.extra_inputs), then past.{i}.key/value [B,Hkv,P,hd] per layer
+        n_extra = len(self.extra_inputs)
+        extra, past = dict(zip(self.extra_inputs, inputs[:n_extra])), inputs[n_extra:]
+        if self.plain:
+            cos, sin = self.rope(position_ids)
+            per_kind = {"full": (cos, sin, attention_bias(attention_mask, hidden_states.shape[1]))}
+        else:
+            masks = self._masks(attention_mask, position_ids, extra, hidden_states.shape[1])
+            per_kind = {kind: (*self.rope(position_ids, kind), bias_of(allowed)) for kind, allowed in masks.items()}
         x, present, n = hidden_states, [], len(self.layers)
         scores = []
-        for i, layer in enumerate(self.layers.values()):
+        for i, (index, layer) in enumerate(self.layers.items()):
+            cos, sin, bias = per_kind[self.kinds[i]]
             last = self.scores and i == n - 1
             x, *out = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1], last)
+            x = self._deepstack(int(index), x, extra.get("deepstack"))
             scores += out[:-2]
             present += out[-2:]
         return (x, *scores, *present)
@@ -332,33 +518,47 @@ class DecoderSegment(Float32Frequencies):
         attention_mask [B,C] covers every cache slot; caches: [(key, value)] per layer, each
         [B,Hkv,C,hd]; the S new tokens are written at slots start..start+S-1 (``start`` an int64
         tensor); attention spans the first ``length`` slots (None: all, unused ones masked).
-        ``scores``: also return ``attention_last`` [B,length or C]. ``keys`` (key-side inputs per
-        slot, [B,C]) and ``data`` (token-aligned inputs, [B,S,...]) are the graph's other inputs;
-        this decoder layout takes none.
+        ``scores``: also return ``attention_last`` [B,length or C]. ``keys``: key-side inputs per
+        slot ([B,C]: ``key_positions``, ``token_groups``, as in the graph); ``data``: token-aligned
+        inputs ([B,S,...]: ``deepstack``; absent = zeros, as for decode tokens).
         """
         S = hidden_states.shape[1]
         index = start + torch.arange(S, device=hidden_states.device)  # [S]
         mask = attention_mask if length is None else attention_mask[:, :length]
-        cos, sin = self.rope(position_ids)
-        allowed = attention_allowed(mask, S, start, self_always=True)  # [B,S,T]
+        if self.plain:
+            rope = {"full": self.rope(position_ids)}
+            allowed = {"full": attention_allowed(mask, S, start, self_always=True)}  # [B,S,T]
+        else:
+            keys = {k: (v if length is None else v[:, :length]) for k, v in (keys or {}).items()}
+            allowed = self._masks(mask, position_ids, keys, S, start, self_always=True)
+            rope = {kind: self.rope(position_ids, kind) for kind in allowed}
+        deepstack = (data or {}).get("deepstack")
         x, n, last_attn = hidden_states, len(caches), None
-        for i, (layer, (key, value)) in enumerate(zip(self.layers.values(), caches)):
+        for i, ((layer_index, layer), (key, value)) in enumerate(zip(self.layers.items(), caches)):
+            kind = self.kinds[i]
+            cos, sin = rope[kind]
             if scores and i == n - 1:
-                x, last_attn = layer.forward_static(x, cos, sin, allowed, key, value, index, length, True)
+                x, last_attn = layer.forward_static(x, cos, sin, allowed[kind], key, value, index, length, True)
             else:
-                x = layer.forward_static(x, cos, sin, allowed, key, value, index, length)
+                x = layer.forward_static(x, cos, sin, allowed[kind], key, value, index, length)
+            x = self._deepstack(int(layer_index), x, deepstack)
         return (x, last_attn) if scores else x
 
 
 class Embed(nn.Module):
-    """Token embeddings: input_ids [B,S] -> [B,S,D]."""
+    """Token embeddings: input_ids [B,S] -> [B,S,D] (times ``spec.embed_scale`` rounded to the
+    weight dtype, as Gemma does)."""
 
     def __init__(self, spec: TextSpec):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.scale = spec.embed_scale
 
     def forward(self, input_ids):
-        return self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids)
+        if self.scale is None:
+            return x
+        return x * torch.tensor(self.scale, dtype=torch.float32).to(x.dtype)
 
 
 class Head(nn.Module):
@@ -366,7 +566,7 @@ class Head(nn.Module):
 
     def __init__(self, spec: TextSpec):
         super().__init__()
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = make_norm(spec, spec.hidden_size)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
     def forward(self, hidden_states):

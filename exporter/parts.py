@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modules import DecoderSegment, Embed, GateBank, Head, TextSpec, VisionEncoder
+from .modules import DecoderSegment, Embed, GateBank, Head, TextSpec, VisionEncoder, segment_extra_inputs
 
 
 @dataclass
@@ -57,6 +57,10 @@ def segment_io(spec: TextSpec, start: int, end: int, dtype: str):
         TensorSpec("position_ids", positions, "int64"),
         TensorSpec("attention_mask", ["batch", "total"], "int64"),
     ]
+    extra = {"key_positions": ["batch", "total"], "token_groups": ["batch", "total"],
+             "deepstack": ["batch", "seq", spec.deepstack_layers, d]}
+    for name in segment_extra_inputs(spec, start, end):  # family inputs (modules.py docstring)
+        inputs.append(TensorSpec(name, extra[name], dtype if name == "deepstack" else "int64"))
     outputs = [TensorSpec("hidden_states_out", ["batch", "seq", d], dtype)]
     if end < spec.num_layers:  # FastV scores for a pruning stage at layer `end` (modules.DecoderSegment)
         outputs.append(TensorSpec("attention_last", ["batch", "total"], "float32"))
@@ -81,7 +85,12 @@ def segment_part(index: int, module: DecoderSegment, dtype: str) -> Part:
         pos,
         torch.ones(B, P + S, dtype=torch.int64),
     ]
-    example += [torch.randn(B, spec.num_kv_heads, P, spec.head_dim, generator=g).to(tdt) for _ in inputs[3:]]
+    extra = {"key_positions": torch.arange(P + S).repeat(B, 1), "token_groups": torch.tensor([[0, 1, 1, 0, 0]] * B),
+             "deepstack": torch.randn(B, S, spec.deepstack_layers, spec.hidden_size, generator=g).to(tdt)}
+    names = segment_extra_inputs(spec, start, end)
+    example += [extra[name] for name in names]
+    example += [torch.randn(B, spec.num_kv_heads, P, spec.head_dim, generator=g).to(tdt)
+                for _ in inputs[3 + len(names):]]
     return Part(f"segment_{index}", "segment", module, inputs, outputs, tuple(example), {"layers": [start, end]})
 
 

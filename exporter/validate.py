@@ -50,25 +50,59 @@ class _ListCache:
         return k, v
 
 
-def hf_segment(layers: dict, rotary_emb, hidden, position_ids, attention_mask, past):
-    """HF decoder layers {index: layer} with a key-padding + causal mask and a list cache ->
+def hf_allowed(spec, layer: int, attention_mask, query_len: int, key_positions=None, token_groups=None):
+    """The full model's mask rule for decoder layer ``layer`` among the keys given, bool [B,S,T]:
+    key padding and causal in cache order, or (``token_groups`` [B,T]) the query's own image, and in
+    sliding layers ``q_pos - k_pos < sliding_window`` over ``key_positions`` [B,T] (the last S keys
+    are the queries)."""
+    T, S = attention_mask.shape[1], query_len
+    pad = attention_mask.bool()[:, None, :]  # [B,1,T]
+    q = torch.arange(S) + (T - S)
+    allowed = (torch.arange(T)[None, :] <= q[:, None])[None] & pad
+    if token_groups is not None and spec.image_bidirectional:
+        qg = token_groups[:, T - S:, None]
+        allowed = allowed | ((qg == token_groups[:, None, :]) & (qg > 0) & pad)
+    if spec.sliding(layer):
+        qp = key_positions[:, T - S:, None]
+        allowed = allowed & (qp - key_positions[:, None, :] < spec.sliding_window)
+    return allowed
+
+
+def hf_rotary(rotary_emb, hidden, position_ids, layer_type: str):
+    """HF's cos/sin for one layer type (Gemma 3's rotary embedding keeps a table per type)."""
+    import inspect
+
+    if "layer_type" in inspect.signature(rotary_emb.forward).parameters:
+        return rotary_emb(hidden, position_ids, layer_type)
+    return rotary_emb(hidden, position_ids)
+
+
+def hf_segment(layers: dict, rotary_emb, hidden, position_ids, attention_mask, past, spec, key_positions=None,
+               token_groups=None, deepstack=None):
+    """HF decoder layers {index: layer} with the model's mask (key padding + causal, and for
+    families that have them an image's bidirectional block and sliding windows: :func:`hf_allowed`),
+    HF's rotary embedding per layer type, DeepStack adds after layers i < n and a list cache ->
     (hidden, present, the last query's head-mean attention probabilities [B,T] in the last layer,
     from HF's own eager attention weights)."""
     B, S, _ = hidden.shape
-    T = attention_mask.shape[1]
-    q = torch.arange(S) + (T - S)
-    allowed = (torch.arange(T)[None, :] <= q[:, None])[None] & attention_mask.bool()[:, None, :]
-    mask = torch.zeros(B, 1, S, T, dtype=hidden.dtype).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
-    cos_sin = rotary_emb(hidden, position_ids)
     cache = _ListCache(past)
     x = hidden
     weights = []
+    rope = {}
     hook = list(layers.values())[-1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
     try:
         for i, layer in layers.items():
+            allowed = hf_allowed(spec, i, attention_mask, S, key_positions, token_groups)
+            kind = "sliding_attention" if spec.sliding(i) else "full_attention"
+            if kind not in rope:
+                rope[kind] = hf_rotary(rotary_emb, hidden, position_ids, kind)
+            mask = torch.zeros(B, 1, S, attention_mask.shape[1], dtype=hidden.dtype)
+            mask = mask.masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
             x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=True, position_embeddings=cos_sin)
+                      use_cache=True, position_embeddings=rope[kind])
             x = x[0] if isinstance(x, tuple) else x
+            if deepstack is not None and i < spec.deepstack_layers:
+                x = x + deepstack[:, :, i]  # HF adds at the visual positions; deepstack is 0 elsewhere
     finally:
         hook.remove()
     last = weights[-1][:, :, -1].float().mean(1) if weights and weights[-1] is not None else None  # [B,T]
@@ -110,15 +144,21 @@ def _segment_cases(spec, dtype, max_position: int):
 
     # prefill with left padding, decode after a cache, text-only with gapped positions, and the
     # folder's longest positions (RoPE rounding shows there, not at 30)
+    # (token groups: image numbers of the keys, for families with bidirectional image blocks)
     mask = torch.ones(2, 7, dtype=torch.int64)
     mask[1, :2] = 0
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     top = max_position
-    yield "prefill", rand(2, 7, d), pos, mask, 0
-    yield "decode", rand(2, 1, d), torch.tensor([[9], [7]]), torch.ones(2, 10, dtype=torch.int64), 9
-    yield "gapped", rand(1, 5, d), torch.tensor([[0, 1, 2, 30, 31]]), torch.ones(1, 5, dtype=torch.int64), 0
-    yield "long", rand(1, 6, d), torch.tensor([[0, 1, 2, top - 2, top - 1, top]]), torch.ones(1, 6, dtype=torch.int64), 0
-    yield "long decode", rand(1, 1, d), torch.tensor([[top]]), torch.ones(1, 9, dtype=torch.int64), 8
+    ones = torch.ones
+    yield "prefill", rand(2, 7, d), pos, mask, 0, torch.tensor([[0, 1, 1, 1, 0, 2, 2], [0, 0, 0, 1, 1, 1, 0]])
+    yield "decode", rand(2, 1, d), torch.tensor([[9], [7]]), ones(2, 10, dtype=torch.int64), 9, \
+        torch.tensor([[0, 1, 1, 1, 0, 2, 2, 0, 0, 0]] * 2)
+    yield "gapped", rand(1, 5, d), torch.tensor([[0, 1, 2, 30, 31]]), ones(1, 5, dtype=torch.int64), 0, \
+        torch.tensor([[0, 1, 1, 1, 0]])
+    yield "long", rand(1, 6, d), torch.tensor([[0, 1, 2, top - 2, top - 1, top]]), ones(1, 6, dtype=torch.int64), 0, \
+        torch.tensor([[0, 1, 1, 2, 2, 0]])
+    yield "long decode", rand(1, 1, d), torch.tensor([[top]]), ones(1, 9, dtype=torch.int64), 8, \
+        torch.tensor([[0, 1, 1, 1, 1, 2, 2, 0, 0]])
 
 
 def _position_rows(pos, spec, top: int):
@@ -137,7 +177,12 @@ def validate_segment(part, session_run, model, dtype: str, max_position: int) ->
     rotary = copy.deepcopy(lm.rotary_emb).float()
     tdt = getattr(torch, dtype)
     worst = 0.0
-    for case, hidden, pos, mask, P in _segment_cases(spec, dtype, max_position):
+    names = {t.name for t in part.inputs}
+    for case, hidden, pos, mask, P, groups in _segment_cases(spec, dtype, max_position):
+        B, S = hidden.shape[:2]
+        T = P + S
+        key_pos = (pos[:, -1:] - (T - 1) + torch.arange(T)).clamp(min=0)  # the past counts up to the queries
+        key_pos[:, P:] = pos
         pos = _position_rows(pos, spec, max_position)
         g = torch.Generator().manual_seed(P + 1)
         past = {
@@ -145,12 +190,21 @@ def validate_segment(part, session_run, model, dtype: str, max_position: int) ->
             for i in range(start, end)
         }
         hidden = hidden.to(tdt)
+        groups = groups * mask  # no image at padding
+        deepstack = None
+        if "deepstack" in names:  # features at the prompt's visual positions (here: every other token), 0 elsewhere
+            deepstack = torch.randn(B, S, spec.deepstack_layers, spec.hidden_size, generator=g).to(tdt)
+            deepstack = deepstack * (torch.arange(S) % 2 == 0)[None, :, None, None].to(tdt) * mask[:, P:, None, None]
         feeds = {"hidden_states": hidden, "position_ids": pos, "attention_mask": mask}
+        for name, value in (("key_positions", key_pos), ("token_groups", groups), ("deepstack", deepstack)):
+            if name in names:
+                feeds[name] = value
         for i in range(start, end):
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = past[i]
         outs = dict(zip((t.name for t in part.outputs), session_run(feeds)))
         ref_h, present, ref_last = hf_segment(layers, rotary, hidden.float(), pos, mask,
-                                              {i: (k.float(), v.float()) for i, (k, v) in past.items()})
+                                              {i: (k.float(), v.float()) for i, (k, v) in past.items()}, spec, key_pos,
+                                              groups, None if deepstack is None else deepstack.float())
         name = f"{part.name} ({case})"
         rows = mask[:, -hidden.shape[1]:].bool()
         worst = max(worst, compare(name, "hidden_states_out", outs["hidden_states_out"], ref_h, dtype, rows))

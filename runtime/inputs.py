@@ -49,8 +49,10 @@ def _outputs(out, images: bool):
         return ids, None
     vision = {}
     for k, v in out.items():
-        if k in ("input_ids", "attention_mask", "token_type_ids") or v is None:
+        if k in ("input_ids", "attention_mask") or v is None:
             continue
+        if k == "token_type_ids" and not np.asarray(v).any():
+            continue  # a text tokenizer's segment ids; Gemma 3's mark the image tokens (a vision input)
         arr = np.asarray(v)
         vision[k] = torch.from_numpy(arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64))
     return ids, vision

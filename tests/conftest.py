@@ -34,13 +34,13 @@ class TinyModel:
         return self._hf
 
 
-def make_gates(num_layers: int, dim: int, hidden: int = 16, seed: int = 0, layers=None) -> dict:
+def make_gates(num_layers: int, dim: int, hidden: int = 16, seed: int = 0, layers=None, scale: float = 2.0) -> dict:
     """Random gates whose exit probabilities spread over (0, 1) on tiny models."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     layers = layers if layers is not None else range(1, num_layers)
-    return {k: (torch.randn(hidden, 2 * dim, generator=g) * 2.0, torch.randn(2, hidden, generator=g) * 2.0)
+    return {k: (torch.randn(hidden, 2 * dim, generator=g) * scale, torch.randn(2, hidden, generator=g) * scale)
             for k in layers}
 
 
@@ -69,6 +69,13 @@ MODELS = {
     # Qwen2.5-VL: the same, with 3 vision blocks of which block 1 attends fully, the others in windows of
     # 3x3 tokens (24 px), so the test images' windows are cut at their edges
     "qwen2_5_vl": (dict(family="qwen2_5_vl", patch_size=4, vision_layers=3, initializer_range=0.05), [1, 2, 3], True),
+    # Qwen3-VL: Qwen3 decoder (q/k norms), interleaved M-RoPE, learned 4x4 vision position grid resampled to each
+    # image, DeepStack from vision blocks 0 and 1 into decoder layers 0 and 1 (an exit at 1 cuts it short)
+    # (q/k norms scaled up, x2 on average: the last prompt token's attention peaks at ~20x uniform)
+    "qwen3_vl": (dict(family="qwen3_vl", patch_size=4, vision_layers=3, initializer_range=0.05), [1, 2, 3], True),
+    # Gemma 3: 32 px SigLIP (patch 4) pooled to 16 tokens, layers [sliding, full, sliding, full] with window 8,
+    # image tokens bidirectional, (1 + w) norms randomised, query_pre_attn_scalar 24 != head_dim
+    "gemma3": (dict(family="gemma3", image_size=32, patch_size=4, initializer_range=0.1), [1, 2, 3], True),
 }
 
 #: Image sizes (W, H) that give each family several tile layouts and token counts.
@@ -87,7 +94,10 @@ def _build(name: str, root: Path) -> TinyModel:
     model_dir = build_tiny_llava(spec, root / f"{name}-hf", seed=1)
     gates = gates_file = None
     if with_gates:
-        gates = make_gates(spec.num_layers, spec.hidden_size)
+        # larger hidden states (Gemma: embeddings x sqrt(d), (1 + w) norms; Qwen3-VL: sharper q/k norms) need smaller
+        # random gates to keep p(exit) spread over (0, 1)
+        scale = {"gemma3": 0.1, "qwen3_vl": 0.5}.get(spec.family, 2.0)
+        gates = make_gates(spec.num_layers, spec.hidden_size, scale=scale)
         gates_file = root / f"{name}-gates.safetensors"
         save_gates(gates_file, gates)
     engine_dir = root / f"{name}-engine"

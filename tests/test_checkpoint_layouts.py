@@ -12,10 +12,11 @@ import torch
 
 from conftest import MODELS, make_image
 from dyvte.errors import ModelNotFoundError
-from dyvte.tiny import LAYOUTS, Layout, TinyLlavaSpec, build_tiny_llava
+from dyvte.tiny import LAYOUTS, Layout, TinyLlavaSpec, build_tiny_llava, write_layout
 
 SPECS = {"llava": "llama_gqa", "llava_next": "llava_next", "internvl": "internvl", "qwen2_vl": "qwen2_vl",
-         "qwen2_5_vl": "qwen2_5_vl"}  # family -> its tiny fixture in conftest.MODELS
+         "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl",
+         "gemma3": "gemma3"}  # family -> its tiny fixture in conftest.MODELS
 QUESTION = "what color is the circle ?"
 
 
@@ -26,8 +27,13 @@ def folder(tmp_path_factory):
 
     def get(family: str, layout: str = "saved"):
         if (family, layout) not in cache:
-            spec = TinyLlavaSpec(**MODELS[SPECS[family]][0])
-            cache[family, layout] = build_tiny_llava(spec, root / f"{family}-{layout}", seed=1, layout=LAYOUTS[layout])
+            if layout == "saved":
+                spec = TinyLlavaSpec(**MODELS[SPECS[family]][0])
+                cache[family, layout] = build_tiny_llava(spec, root / f"{family}-{layout}", seed=1)
+            else:  # the saved folder rewritten into the layout (what build_tiny_llava(layout=...) does)
+                path = shutil.copytree(get(family), root / f"{family}-{layout}")
+                write_layout(path, LAYOUTS[layout])
+                cache[family, layout] = path
         return cache[family, layout]
 
     return get
@@ -61,6 +67,14 @@ def test_layouts_hold_exactly_their_files(folder):
     assert {"min_pixels", "max_pixels"} <= set(json.loads((qwen / "preprocessor_config.json").read_text()))
     proc = json.loads((folder("llava", "llava-hf") / "processor_config.json").read_text())
     assert "image_processor" not in proc and proc["patch_size"] == 6
+    assert files("qwen3_vl", "qwen3-vl") == {"preprocessor_config.json", "video_preprocessor_config.json",
+                                             "chat_template.json"}  # Qwen/Qwen3-VL-*-Instruct
+    image = json.loads((folder("qwen3_vl", "qwen3-vl") / "preprocessor_config.json").read_text())
+    assert image["image_processor_type"] == "Qwen2VLImageProcessorFast" and "longest_edge" in image["size"]
+    assert files("gemma3", "gemma-3") == {"processor_config.json", "preprocessor_config.json", "chat_template.json"}
+    proc = json.loads((folder("gemma3", "gemma-3") / "processor_config.json").read_text())
+    assert proc == {"image_seq_length": 16, "processor_class": "Gemma3Processor"}  # google/gemma-3-*-it's keys
+    assert files("gemma3", "none-jinja") == {"preprocessor_config.json", "chat_template.jinja"}  # image_seq_length: config
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "saved"])
@@ -79,15 +93,16 @@ def test_every_layout_loads_and_encodes_as_saved(folder, family, layout, tmp_pat
     _assert_same(_encode(load_processor(tmp_path, fam)), want)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_without_processor_config_exports_the_same_engines(folder, family, tmp_path):
-    """Qwen/Qwen2.5-VL-*-Instruct's file set exports the saved folder's engine folder (every file the
-    same) and generates its tokens."""
+@pytest.mark.parametrize("family,hub", [("qwen2_vl", "qwen2.5-vl"), ("qwen2_5_vl", "qwen2.5-vl"),
+                                        ("qwen3_vl", "qwen3-vl")])
+def test_qwen_without_processor_config_exports_the_same_engines(folder, family, hub, tmp_path):
+    """Qwen/Qwen2.5-VL-*-Instruct's (Qwen/Qwen3-VL-*-Instruct's) file set exports the saved folder's
+    engine folder (every file the same) and generates its tokens."""
     from dyvte.exporter import ExportSettings, export
     from dyvte.runtime import Pipeline
 
     tokens, files = [], []
-    for layout in ("saved", "qwen2.5-vl"):
+    for layout in ("saved", hub):
         out = export(ExportSettings(out=tmp_path / layout, model=str(folder(family, layout)), candidates=[2],
                                     max_input_len=128, max_new_tokens=8, progress=False))
         files.append(json.loads((out / "manifest.json").read_text())["files"])

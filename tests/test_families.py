@@ -1,4 +1,4 @@
-"""Model families beyond LLaVA-1.5 (LLaVA-NeXT, InternVL3, Qwen2-VL, Qwen2.5-VL): images of different
+"""Model families beyond LLaVA-1.5 (LLaVA-NeXT, InternVL3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): images of different
 sizes, several images per prompt, the run-time packing against Hugging Face, bad inputs, and every command
 (train-gates, calibrate-vtw, eval, profile, lint) end to end. The generic equivalence tests
 (never vs HF generate, layer:K vs the reference, gate vs Eq. 1, torch vs ONNX Runtime) run on these
@@ -13,8 +13,8 @@ import torch
 from conftest import IMAGE_SIZES, MODELS, make_image
 from reference import generate_with_exit
 
-FAMILIES = ["llava_next", "internvl", "qwen2_vl", "qwen2_5_vl"]
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ["llava_next", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QUESTIONS = ["what color is the circle ?", "how many red squares are there in the picture ?", "is there a blue triangle ?",
              "which shape is on the left ?"]
 
@@ -40,6 +40,10 @@ def test_presets_resolve():
     assert resolve_preset("qwen2-vl-2b") == "Qwen/Qwen2-VL-2B-Instruct"
     for size in ("3b", "7b"):
         assert resolve_preset(f"qwen2.5-vl-{size}") == f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"
+    for size in ("2b", "4b", "8b"):
+        assert resolve_preset(f"qwen3-vl-{size}") == f"Qwen/Qwen3-VL-{size.upper()}-Instruct"
+    for size in ("4b", "12b", "27b"):
+        assert resolve_preset(f"gemma-3-{size}") == f"google/gemma-3-{size}-it"
 
 
 def test_visual_tokens_vary_with_image_size(fam, pipelines):
@@ -48,6 +52,9 @@ def test_visual_tokens_vary_with_image_size(fam, pipelines):
     counts = {pipe.encode(make_image(0, size), "what ?").vision_inputs()["pixel_values"].shape for size in sizes}
     tokens = {pipe.run([pipe.encode(make_image(0, size), "what ?", 1)], policy="never")[0].visual_tokens
               for size in sizes}
+    if fam.spec.family == "gemma3":  # every image is resized to the tower's size: always 16 tokens
+        assert tokens == {fam.spec.num_visual_tokens} and len(counts) == 1
+        return
     assert len(tokens) >= 3 and len(counts) >= 2
 
 
@@ -61,6 +68,11 @@ def test_packed_features_equal_hf(fam, pipelines):
         ours = pipe.dispatcher.visual_features([vision])
         with torch.no_grad():
             ref = family.hf_visual_features(fam.hf, {k: torch.as_tensor(v) for k, v in req.vision_inputs().items()})
+        if isinstance(ref, dict):  # DeepStack (Qwen3-VL): the features and the per-layer DeepStack features
+            assert ours.keys() == ref.keys() == {"features", "deepstack"}
+            assert ours["deepstack"].shape == ref["deepstack"].shape == (vision.tokens, 2, fam.spec.hidden_size)
+            np.testing.assert_allclose(ours["deepstack"].numpy(), ref["deepstack"].numpy(), atol=1e-5, rtol=0)
+            ours, ref = ours["features"], ref["features"]
         assert ours.shape == ref.shape == (vision.tokens, fam.spec.hidden_size), size
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-5, rtol=0, err_msg=str(size))
 
@@ -70,7 +82,7 @@ def test_batch_mixing_image_sizes_equals_each_alone(fam, pipelines):
     images = [make_image(s, IMAGE_SIZES[s % len(IMAGE_SIZES)]) for s in range(4)]
     for policy, thr in (("gate", 0.5), ("gate", 0.9), (f"layer:{fam.candidates[1]}", 0.5)):
         batch = pipe.generate(images, QUESTIONS, max_new_tokens=5, policy=policy, gate_threshold=thr, return_logits=True)
-        assert len({r.visual_tokens for r in batch}) >= 2  # really different sizes
+        assert len({r.visual_tokens for r in batch}) >= 2 or fam.spec.family == "gemma3"  # really different sizes
         for b, img, q in zip(batch, images, QUESTIONS):
             a = pipe.generate(img, q, max_new_tokens=5, policy=policy, gate_threshold=thr, return_logits=True)
             assert (b.exit_layer, b.token_ids) == (a.exit_layer, a.token_ids)
@@ -124,6 +136,13 @@ def test_bad_inputs(fam, pipelines):
             pipe.generate_ids(ids, px)
         with pytest.raises(InputError, match="describes .* patches but pixel_values has"):
             pipe.generate_ids(ids, px[:-4], image_grid_thw=grid)
+    elif fam.spec.family == "gemma3":
+        types = req.extra["token_type_ids"].numpy()
+        with pytest.raises(InputError, match=r"got 2 images but the prompts hold 1 image\(s\)"):
+            pipe.generate_ids(ids, np.concatenate([px, px]), token_type_ids=types)
+        with pytest.raises(InputError, match="token_type_ids marks 3 image tokens but its 1 image"):
+            pipe.generate_ids(ids, px, token_type_ids=np.pad(np.ones((1, 3), np.int64), ((0, 0), (0, ids.shape[1] - 3))))
+        pipe.generate_ids(ids, px, max_new_tokens=1)  # token_type_ids are optional (the image tokens mark them)
     else:
         with pytest.raises(InputError, match=r"got \d+ tiles but the prompts hold \d+ tile\(s\)"):
             pipe.generate_ids(ids, px[:-1])
@@ -139,6 +158,8 @@ def test_more_tiles_than_the_exported_limit(fam, tmp_path, pipelines):
 
     if fam.spec.family in QWEN:
         pytest.skip("Qwen-VL: a tile is a whole image; its limit is --max-pixels (tests/test_qwen_vl.py)")
+    if fam.spec.family == "gemma3":
+        pytest.skip("Gemma 3: one tile per image without pan-and-scan; its limit counts images (tests/test_gemma3.py)")
     out = export(ExportSettings(out=tmp_path / "e", model=str(fam.model_dir), candidates=fam.candidates, max_tiles=3,
                                 max_input_len=256, max_new_tokens=8, progress=False, validate=False))
     pipe = Pipeline.load(out, backend="onnxruntime")
@@ -154,7 +175,8 @@ def test_more_tiles_than_the_exported_limit(fam, tmp_path, pipelines):
 def test_processor_folder_is_standard(fam):
     data = json.loads((fam.engine_dir / "processor" / "processor_config.json").read_text())
     assert data["processor_class"] == {"llava_next": "LlavaNextProcessor", "internvl": "InternVLProcessor",
-                                       "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[fam.spec.family]
+                                       "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                                       "qwen3_vl": "Qwen3VLProcessor", "gemma3": "Gemma3Processor"}[fam.spec.family]
 
 
 def test_commands_end_to_end(fam, synth_data, tmp_path):
@@ -184,3 +206,65 @@ def test_commands_end_to_end(fam, synth_data, tmp_path):
     res = profile(out, "onnxruntime", reps=1, text_tokens=4, decode_tokens=2, progress=False)
     assert res["visual_tokens"] > 0 and res["end_to_end"]["never"]["prefill_gflops"] > 0
     assert lint_folder(Manifest.load(out)).ok
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "gemma3"])
+def test_serve_and_triton_answer_as_the_pipeline(name, tiny_models, pipelines):
+    """dyvte serve (OpenAI chat, an image URL part) and the Triton model run the new families
+    unchanged and answer as the Pipeline does."""
+    from test_serve import ServerThread, png_bytes, user
+
+    from dyvte.serving.triton import TritonModel
+
+    fam = tiny_models(name)
+    pipe = pipelines(fam.engine_dir)
+    img = make_image(2, (90, 40))
+    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": QUESTIONS[0]}]}]
+    want = pipe.run([pipe.encode_chat(messages, 5)], "gate")[0]
+    srv = ServerThread(pipe, max_wait_ms=10)
+    try:
+        res = srv.client().chat.completions.create(model=srv.app.state.dyvte.model_name,
+                                                   messages=user(QUESTIONS[0], img), max_tokens=5)
+    finally:
+        srv.stop()
+    assert res.choices[0].message.content == want.text and res.dyvte["exit_layer"] == want.exit_layer
+    model = TritonModel(pipe, policy="gate")
+    try:
+        out = model.execute([{"PROMPT": np.array([[QUESTIONS[0].encode()]], dtype=object),
+                              "IMAGE": np.frombuffer(png_bytes(img), np.uint8)[None],
+                              "MAX_TOKENS": np.array([[5]], np.int32)}], timeout=60)
+    finally:
+        model.worker.close()  # the pipeline is the test session's
+    assert out[0]["TEXT"][0, 0].decode() == pipe.generate(img, QUESTIONS[0], 5, "gate").text
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "gemma3"])
+def test_training_side_exits_equal_the_reference(name, tiny_models):
+    """Gate training's batched exit runs (dyvte/exits.py: right padding, the family's masks and
+    DeepStack) give the reference's teacher-forced logits for each sample, at every exit."""
+    from reference import teacher_forced
+
+    from dyvte.data import Batcher, QA
+    from dyvte.exits import ExitModel
+    from dyvte.models import load_processor
+
+    fam = tiny_models(name)
+    em = ExitModel(fam.hf)
+    batcher = Batcher(load_processor(fam.model_dir), em.family)
+    samples = [QA(make_image(s, size), q, "red", "color") for s, (size, q) in
+               enumerate([((90, 40), QUESTIONS[0]), ((40, 52), QUESTIONS[1])])]
+    batch = batcher(samples)
+    for k in (1, 2, fam.spec.num_layers):
+        with torch.no_grad():
+            logits, index, mask = em.forward(batch.input_ids, batch.vision, batch.attention_mask, k)
+        for i, s in enumerate(samples):
+            n = int(batch.attention_mask[i].sum())
+            ids = batch.input_ids[i: i + 1, :n]
+            vision = batcher.encode(s.question, s.answer, s.image)[2]
+            ref, _ = teacher_forced(fam.hf, ids, vision, k)  # rows: the tokens kept, in order
+            ours = logits[i, mask[i].bool()]
+            kept = index[i, mask[i].bool()]
+            assert len(kept) == len(ref)
+            if k < fam.spec.num_layers:  # an exit: no visual token left
+                assert not (batch.input_ids[i, kept] == em.image_token_id).any()
+            torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL specifics: M-RoPE positions and rope deltas against HF's ``get_rope_index``,
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL specifics: M-RoPE positions and rope deltas against HF's ``get_rope_index``,
 decode positions after an exit, the host-side window layout and rotary positions against HF's
 helpers, the pixel limit (``--max-pixels``), inconsistent grids, video inputs, the vision FLOPs and
 TensorRT profiles. Equivalence with HF ``generate``, the exit reference, gates and batches run on the
@@ -11,7 +11,7 @@ import torch
 from conftest import RecordingRunner, make_image
 from reference import generate_with_exit
 
-QWEN = ["qwen2_vl", "qwen2_5_vl"]
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 TWO_IMAGES = [(90, 40), (40, 52)]
 
 
@@ -244,6 +244,12 @@ def test_vision_flops_count_windows_and_full_blocks(qwen, pipelines):
     h, w = 10, 22
     P = h * w
     full_attn = 4 * P * P * E
+    if qwen.spec.family == "qwen3_vl":  # full attention everywhere, GELU MLP, the learned position table's
+        # 4 taps per patch, and the main merger plus one per DeepStack layer
+        blocks = depth * (8 * P * E * E + 4 * P * E * M + 4 * P * P * E)
+        expected = 2 * P * meta["tile_shape"][0] * E + 8 * P * E + blocks + 3 * 2 * (P // 4) * 4 * E * (4 * E + D)
+        assert family.vision_flops(meta, {}, D, 1, [[1, h, w]]) == pytest.approx(expected, rel=1e-12)
+        return
     if meta["gated_mlp"]:
         _, valid, _ = window_layout(h, w, 2, meta["window_units"])
         window_attn = 4 * E * int((valid.sum(1) ** 2).sum())
@@ -274,9 +280,14 @@ def test_onnx_vision_graph_is_one_graph_for_any_size(qwen):
     assert inputs["pixel_values"] == ["patches", 96] and inputs["rotary_pos"] == ["patches", 2]
     if qwen.spec.family == "qwen2_5_vl":
         assert inputs["window_index"] == ["windows", 36] and inputs["window_scatter"] == ["patches"]
+    elif qwen.spec.family == "qwen3_vl":  # the position table's taps and weights; the features with DeepStack's
+        assert inputs["interp_index"] == ["patches", 4] and inputs["interp_weight"] == ["patches", 4]
+        assert set(inputs) == {"pixel_values", "rotary_pos", "interp_index", "interp_weight"}
+        out = [d.dim_param or d.dim_value for d in g.output[0].type.tensor_type.shape.dim]
+        assert out == ["tokens", 3, qwen.spec.hidden_size]
     else:
         assert set(inputs) == {"pixel_values", "rotary_pos"}
-    assert not {n.op_type for n in g.node} & {"If", "Loop", "Scan", "NonZero", "Conv"}
+    assert not {n.op_type for n in g.node} & {"If", "Loop", "Scan", "NonZero", "Conv", "Resize"}
     m = Manifest.load(qwen.engine_dir)
     assert m.data["validation"]["vision"]["max_abs_err"] < 1e-4
     assert lint_folder(m).ok

@@ -14,12 +14,14 @@ __all__ = ["Family", "Vision", "families", "family_for_config", "family_named", 
 @functools.cache
 def families() -> dict[str, Family]:
     """Every registered family by name (a new family: one module, one line here)."""
+    from .gemma3 import Gemma3
     from .internvl import InternVL
     from .llava import Llava
     from .llava_next import LlavaNext
+    from .qwen3_vl import Qwen3VL
     from .qwen_vl import Qwen2VL, Qwen25VL
 
-    return {f.name: f for f in (Llava(), LlavaNext(), InternVL(), Qwen2VL(), Qwen25VL())}
+    return {f.name: f for f in (Llava(), LlavaNext(), InternVL(), Qwen2VL(), Qwen25VL(), Qwen3VL(), Gemma3())}
 
 
 def family_named(name: str) -> Family:

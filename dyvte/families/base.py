@@ -49,6 +49,10 @@ class Family:
     processor_inputs: tuple[str, ...] = ("pixel_values",)  # HF processor tensors the vision side takes
     unsupported_inputs: dict[str, str] = {}  # HF input name -> why dyvte refuses it (e.g. video)
     vision_paths: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")  # HF vision modules
+    # decoder features the adapter declares (exporter/hf.py reads the rest from the HF modules)
+    sliding_windows = False  # the decoder's sliding-window layers (layer_types) are exported
+    image_bidirectional = False  # an image's tokens attend to each other in both directions (Gemma 3)
+    mrope_interleaved = False  # M-RoPE frequency slots interleave t, h, w (Qwen3-VL)
 
     # -- checkpoint side ---------------------------------------------------------------------------
     def text_config(self, config):
@@ -137,6 +141,10 @@ class Family:
         """M-RoPE frequency sections (t, h, w chunks) of the text decoder; None for 1-D RoPE."""
         return None
 
+    def deepstack_layers(self, config) -> int:
+        """How many decoder layers (0, 1, ...) add a DeepStack vision feature (Qwen3-VL); 0: none."""
+        return 0
+
     def limit_processor(self, processor, max_pixels: int | None, max_input_len: int):
         """Apply the export's image-size limit to the processor that is saved with the folder
         (dynamic-resolution families); fixed-size tile families refuse ``--max-pixels``."""
@@ -187,8 +195,28 @@ class Family:
 
     def hf_visual_features(self, model, inputs: dict):
         """Visual-token features [n,D] of a batch's processor outputs by the HF model, in prompt
-        order (gate training, the exit reference)."""
+        order (gate training, the exit reference); families with DeepStack return
+        {"features": [n,D], "deepstack": [n,k,D]}."""
         raise NotImplementedError
+
+    def hf_layer_inputs(self, lm, hidden, position_ids, key_mask, groups):
+        """Per HF decoder layer, (additive attention mask [B,1,S,S] in ``hidden``'s dtype, cos/sin)
+        for a right-padded batch (training side): ``position_ids`` in HF's layout, ``key_mask`` [B,S]
+        1 = real token, ``groups`` [B,S] image number of each visual token (0 elsewhere). Here
+        causal with key padding and one rotary table."""
+        import torch
+
+        B, S = key_mask.shape
+        causal = torch.ones(S, S, dtype=torch.bool, device=key_mask.device).tril()
+        allowed = causal[None] & key_mask.bool()[:, None, :]
+        bias = torch.zeros(B, 1, S, S, dtype=hidden.dtype, device=hidden.device)
+        bias = bias.masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
+        return [(bias, lm.rotary_emb(hidden, position_ids))] * len(lm.layers)
+
+    def hf_after_layer(self, index: int, hidden, deepstack):
+        """Hidden states [B,S,D] after HF decoder layer ``index`` as the next layer gets them
+        (DeepStack adds ``deepstack`` [B,S,k,D], 0 at non-visual positions); here unchanged."""
+        return hidden
 
     def collate(self, inputs: list[dict]) -> dict:
         """Processor outputs of several samples -> one batch the HF model takes."""

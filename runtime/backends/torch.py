@@ -22,7 +22,7 @@ from dyvte.settings import CACHE_CAPACITY_STEP, DEFAULT_CACHE_POOL_BYTES
 from .base import KVCache, Runner
 
 #: Buffers that stay float32 whatever the activation dtype (position math).
-FLOAT32_BUFFERS = ("inv_freq",)
+FLOAT32_BUFFERS = ("inv_freq", "inv_freq_sliding")
 
 
 def materialize(build, source, device, dtype):
@@ -111,7 +111,7 @@ def random_source(spec, device, seed: int = 0):
 
     def get(name, like):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "inv_freq":
+        if leaf in FLOAT32_BUFFERS:
             hd = spec.rope_dim
             return 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
         t = torch.empty(like.shape, dtype=like.dtype if like.dtype != torch.float64 else torch.float32, device=device)
