@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 #: Engine-folder format written by this version (``manifest.json`` field ``schema_version``).
-SCHEMA_VERSION = 2  # 2: float32 RoPE frequencies in fp16/bf16 graphs, TensorRT plans named by key
+SCHEMA_VERSION = 3  # 2: float32 RoPE frequencies in fp16/bf16 graphs, TensorRT plans named by key;
+#                      3: projection weights stored [in, out] (the layout MatMul consumes), fused ONNX Runtime
+#                         segment graphs, quantized weights (``quantization``)
 MANIFEST_NAME = "manifest.json"
 
 #: ONNX opset of exported graphs. 17 is the newest opset the TorchScript exporter and every

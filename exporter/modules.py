@@ -69,6 +69,32 @@ class TextSpec:
         return cls(**data)
 
 
+class Linear(nn.Module):
+    """y = x @ weight + bias with ``weight`` [in, out]: the layout ONNX MatMul consumes, so exported
+    graphs feed each weight initializer straight into its MatMul (no Transpose on the weight path,
+    which ONNX Runtime's quantizers need). Hugging Face's ``nn.Linear`` weight is ``weight.T``
+    (:func:`linear_state_from_hf`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)  # [..., in] @ [in, out]
+        return y if self.bias is None else y + self.bias
+
+
+def linear_state_from_hf(state: dict, prefix: str = "") -> dict:
+    """An ``nn.Linear`` state dict ({prefix}weight [out, in], bias) in :class:`Linear`'s layout."""
+    out = dict(state)
+    w = prefix + "weight"
+    if w in out:
+        out[w] = out[w].t().contiguous()
+    return out
+
+
 class RMSNorm(nn.Module):
     """Llama RMSNorm, computed in float32 (as Hugging Face does)."""
 
@@ -107,8 +133,8 @@ class Attention(nn.Module):
         d, h, hkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
         self.scaling = hd**-0.5
-        self.qkv_proj = nn.Linear(d, (h + 2 * hkv) * hd, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+        self.qkv_proj = Linear(d, (h + 2 * hkv) * hd, bias=spec.qkv_bias)
+        self.o_proj = Linear(h * hd, d, bias=spec.o_bias)
 
     def project(self, x, cos, sin):
         """x [B,S,D] -> rotated q [B,H,S,hd], rotated k and v [B,Hkv,S,hd]."""
@@ -190,8 +216,8 @@ class MLP(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
         d, m = spec.hidden_size, spec.intermediate_size
-        self.gate_up_proj = nn.Linear(d, 2 * m, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(m, d, bias=spec.mlp_bias)
+        self.gate_up_proj = Linear(d, 2 * m, bias=spec.mlp_bias)
+        self.down_proj = Linear(m, d, bias=spec.mlp_bias)
         self.act_fn = _act(spec.hidden_act)
 
     def forward(self, x):
@@ -200,7 +226,8 @@ class MLP(nn.Module):
 
 
 def layer_state_from_hf(state: dict) -> dict:
-    """A Hugging Face decoder layer's state dict in this module's layout (fused projections)."""
+    """A Hugging Face decoder layer's state dict in this module's layout (fused projections,
+    :class:`Linear` weights [in, out])."""
     out = dict(state)
     for kind in ("weight", "bias"):
         qkv = [out.pop(f"self_attn.{p}_proj.{kind}", None) for p in "qkv"]
@@ -209,6 +236,8 @@ def layer_state_from_hf(state: dict) -> dict:
         gu = [out.pop(f"mlp.{p}_proj.{kind}", None) for p in ("gate", "up")]
         if gu[0] is not None:
             out[f"mlp.gate_up_proj.{kind}"] = torch.cat(gu, dim=0)
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        out = linear_state_from_hf(out, name + ".")
     return out
 
 
@@ -367,7 +396,7 @@ class Head(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
     def forward(self, hidden_states):
         return self.lm_head(self.norm(hidden_states)).float()
