@@ -18,6 +18,22 @@ MIN_OPSET, MAX_OPSET = 14, 20
 DEFAULT_DTYPE = "float32"
 DTYPES = ("float32", "float16", "bfloat16")
 
+#: Weight quantization of the decoder segments and the head (``dyvte-export --quantize``), with ONNX
+#: Runtime's own quantizers: int8 = dynamic per-channel (``quantize_dynamic``), int4 = weight-only
+#: blocks (``MatMulNBits``). Both need ``--dtype float32``; vision, embeddings and gate stay float.
+QUANTIZE_SCHEMES = ("int8", "int4")
+#: int4 defaults (README "Fused and quantized engines" has the measurement): 32-weight blocks,
+#: symmetric, accuracy level 4 (ONNX Runtime's CPU kernel computes in int8 on the fly).
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4
+#: Validation of quantized parts against the float PyTorch model, per scheme:
+#: |ours - torch| <= atol + rtol * max|torch| (quantization error, not a bug, fills most of it).
+QUANT_TOLERANCES = {"int8": (5e-2, 1.5e-1), "int4": (1e-1, 4e-1)}
+#: End-to-end check of a quantized folder after export: greedy tokens of the quantized pipeline vs
+#: the float model (teacher-forced) on this many synthetic prompts of this many new tokens.
+QUANT_CHECK_PROMPTS = 3
+QUANT_CHECK_TOKENS = 8
+
 #: Candidate exit layers: every ``L // CANDIDATE_DIVISOR`` layers (7 candidates for L = 32:
 #: 4, 8, ..., 28). See README "Choosing candidates" for the measurement behind this default.
 CANDIDATE_DIVISOR = 8
@@ -37,6 +53,7 @@ TOLERANCES = {
     "float32": (1e-4, 1e-4),
     "float16": (2e-2, 2e-2),
     "bfloat16": (1e-1, 5e-2),
+    **QUANT_TOLERANCES,
 }
 
 #: torch backend: pooled KV caches (and the CUDA graphs captured on them) are bucketed by

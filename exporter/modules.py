@@ -128,6 +128,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    fused = False  # trace :meth:`forward_fused` instead of :meth:`forward` (exporter.fused.fused_attention)
+
     def __init__(self, spec: TextSpec):
         super().__init__()
         d, h, hkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -177,11 +179,32 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, bias, past_key, past_value, last: bool = False):
         # x: [B,S,D]; cos/sin: [B,1,S,hd]; bias: [B,1,1,S,T] float32; past: [B,Hkv,P,hd]
+        if self.fused:
+            return self.forward_fused(x, cos, sin, bias, past_key, past_value, last)
         q, k, v = self.project(x, cos, sin)
         key = torch.cat([past_key, k], dim=2)  # [B,Hkv,T,hd]
         value = torch.cat([past_value, v], dim=2)
         out = self.attend(q, key, value, bias, last)
         return (*out, key, value) if last else (out, key, value)
+
+    def forward_fused(self, x, cos, sin, bias, cache_key, cache_value, last: bool = False):
+        """:meth:`forward` as ONNX Runtime's GroupQueryAttention with an in-place static cache
+        (exporter/fused.py): cache_key/cache_value [B,Hkv,C,hd] (C >= T) hold the T - S cached
+        tokens, the S new ones are written at T-S..T-1 and the buffers are returned as present."""
+        from .fused import GroupQueryAttention, mask_value, rope_flat
+
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)  # [B,S,H*hd], [B,S,Hkv*hd] x2
+        q, k = rope_flat(q, cos, sin, h), rope_flat(k, cos, sin, hkv)
+        bias = bias[:, 0]  # [B,1,S,T]
+        if x.dtype != torch.float32:
+            bias = torch.where(bias < 0, mask_value(x.dtype), 0.0).to(x.dtype)
+        out, key, value, probs = GroupQueryAttention.apply(q, k, v, cache_key, cache_value, bias, h, hkv,
+                                                           self.scaling)
+        out = self.o_proj(out)
+        if not last:
+            return out, key, value
+        return out, probs[:, :, -1].float().mean(dim=1), key, value  # [B,T]: the last query's head mean
 
     def attend_fused(self, q, key, value, allowed):
         """q [B,H,S,hd] over key/value [B,Hkv,T,hd] where allowed [B,S,T] (bool) -> [B,S,D].
