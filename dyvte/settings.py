@@ -19,11 +19,11 @@ DEFAULT_DTYPE = "float32"
 DTYPES = ("float32", "float16", "bfloat16")
 
 #: Weight quantization of the decoder segments and the head (``dyvte-export --quantize``), with ONNX
-#: Runtime's own quantizers: int8 = dynamic per-channel (``quantize_dynamic``), int4 = weight-only
-#: blocks (``MatMulNBits``). Both need ``--dtype float32``; vision, embeddings and gate stay float.
+#: Runtime's own quantizer (``MatMulNBits``, exporter/quantize.py): 8- or 4-bit symmetric weight
+#: blocks. Both need ``--dtype float32``; vision, embeddings and gate stay float.
 QUANTIZE_SCHEMES = ("int8", "int4")
-#: int4 defaults (README "Fused and quantized engines" has the measurement): 32-weight blocks,
-#: symmetric, accuracy level 4 (ONNX Runtime's CPU kernel computes in int8 on the fly).
+#: Defaults of both schemes (README "Fused and quantized engines" has the measurement): 32-weight
+#: blocks, accuracy level 4 (ONNX Runtime's CPU kernel quantizes activation rows to int8 per block).
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 #: Validation of quantized parts against the float PyTorch model, per scheme:

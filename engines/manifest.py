@@ -246,11 +246,9 @@ def _describe_weights(manifest) -> str:
     q = manifest.quantization
     if not q:
         return f"{manifest.dtype} (not quantized)"
-    if q["name"] == "int8":
-        how = "int8, dynamic per channel (DynamicQuantizeMatMul)"
-    else:
-        how = f"int4, MatMulNBits block {q['block_size']}, accuracy level {q['accuracy_level']}, symmetric"
-    return f"{how} in {' and '.join(q['parts'])}s; vision, embed and gate {manifest.dtype}"
+    how = f"{q['name']}, MatMulNBits block {q['block_size']}, accuracy level {q['accuracy_level']}, symmetric"
+    where = {"segment": "the decoder segments", "head": "the head"}
+    return f"{how} in {' and '.join(where.get(p, p) for p in q['parts'])}; vision, embed and gate {manifest.dtype}"
 
 
 def _family(model: dict):

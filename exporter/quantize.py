@@ -1,11 +1,12 @@
 """Weight quantization of exported graphs with ONNX Runtime's own quantizers (``--quantize``).
 
-* ``int8``: ``onnxruntime.quantization.quantize_dynamic`` -- int8 weights with one scale per output
-  column (per channel, symmetric), activations quantized on the fly per call (ONNX Runtime fuses
-  each projection into ``DynamicQuantizeMatMul``).
-* ``int4``: ``matmul_nbits_quantizer.MatMulNBitsQuantizer`` -- weight-only 4-bit blocks of
-  ``block_size`` along the input axis, symmetric, ``MatMulNBits`` with ``accuracy_level`` (4: the
-  CPU kernel quantizes activations to int8 per block and computes in int8).
+Both schemes are ``matmul_nbits_quantizer.MatMulNBitsQuantizer``: symmetric weight blocks of
+``block_size`` along the input axis (``int8``: 8 bits, ``int4``: 4 bits), run as ``MatMulNBits``
+with ``accuracy_level`` (4: the CPU kernel quantizes each activation row to int8 per block and
+computes in int8). ``quantize_dynamic`` (per-channel int8 weights, ``DynamicQuantizeMatMul``) is not
+used: it quantizes the activations with ONE scale per call for the whole [B,S,D] tensor, so a
+row's numbers depend on the other rows of its batch (and their padding), which breaks "a batch row
+equals its single run" (tests/test_quantize.py caught it: logits off by 7e-3 in a batch).
 
 Every MatMul whose weight is an initializer is quantized: in dyvte's graphs those are exactly the
 projections (q/k/v, o, gate/up, down) and the lm_head, as :class:`~dyvte.exporter.modules.Linear`
@@ -31,13 +32,17 @@ class Scheme:
     """A quantization scheme as the manifest records it (``quantization``)."""
 
     name: str  # int8 | int4
-    block_size: int | None = None  # int4
-    accuracy_level: int | None = None  # int4
+    block_size: int = INT4_BLOCK_SIZE
+    accuracy_level: int = INT4_ACCURACY_LEVEL
     symmetric: bool = True
 
     @property
+    def bits(self) -> int:
+        return 8 if self.name == "int8" else 4
+
+    @property
     def op(self) -> str:
-        return "DynamicQuantizeMatMul" if self.name == "int8" else "MatMulNBits"
+        return "MatMulNBits"
 
     def to_dict(self) -> dict:
         import onnxruntime
@@ -46,9 +51,7 @@ class Scheme:
                 "tool": f"onnxruntime.quantization {onnxruntime.__version__}"}
 
     def describe(self) -> str:
-        if self.name == "int8":
-            return "int8 weights (dynamic, per channel; DynamicQuantizeMatMul)"
-        return f"int4 weights (MatMulNBits, block {self.block_size}, accuracy level {self.accuracy_level})"
+        return f"{self.name} weights (MatMulNBits, block {self.block_size}, accuracy level {self.accuracy_level})"
 
 
 def make_scheme(name: str | None, dtype: str, block_size: int | None = None,
@@ -56,23 +59,19 @@ def make_scheme(name: str | None, dtype: str, block_size: int | None = None,
     """The checked scheme of ``--quantize`` (None: no quantization); one-line errors otherwise."""
     if name is None:
         if block_size is not None or accuracy_level is not None:
-            raise InputError("--block-size and --accuracy-level apply to --quantize int4; add it or drop them")
+            raise InputError("--block-size and --accuracy-level apply to --quantize; add it or drop them")
         return None
     if name not in QUANTIZE_SCHEMES:
         raise InputError(f"--quantize {name} is not one of {', '.join(QUANTIZE_SCHEMES)}")
     if dtype != "float32":
         raise InputError(f"--quantize {name} needs --dtype float32 (it quantizes float32 weights; got --dtype {dtype})")
-    if name == "int8":
-        if block_size is not None or accuracy_level is not None:
-            raise InputError("--block-size and --accuracy-level apply to --quantize int4, not int8")
-        return Scheme("int8")
     block = INT4_BLOCK_SIZE if block_size is None else int(block_size)
     level = INT4_ACCURACY_LEVEL if accuracy_level is None else int(accuracy_level)
     if block < 16 or block & (block - 1):
         raise InputError(f"--block-size {block} must be a power of two >= 16 (MatMulNBits)")
     if level not in (0, 1, 2, 3, 4):
         raise InputError(f"--accuracy-level {level} must be 0-4 (0/1 float32, 2 fp16, 3 bf16, 4 int8 compute)")
-    return Scheme("int4", block, level)
+    return Scheme(name, block, level)
 
 
 @contextlib.contextmanager
@@ -98,30 +97,16 @@ def _float_weight_matmuls(model) -> list[str]:
 
 def quantize_graph(src: Path, dst: Path, scheme: Scheme) -> list[Path]:
     """Quantize the ONNX graph at ``src`` (with its external data) into ``dst`` (+ ``dst.data``)."""
-    import tempfile
-
-    import onnx
-
     from dyvte.engines.files import save_onnx
 
     try:
         with _quiet():
-            if scheme.name == "int8":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-                with tempfile.TemporaryDirectory(dir=Path(dst).parent, prefix=".quant-") as tmp:
-                    out = Path(tmp) / "q.onnx"
-                    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                                     op_types_to_quantize=["MatMul"], use_external_data_format=True,
-                                     extra_options={"MatMulConstBOnly": True})
-                    model = onnx.load(str(out), load_external_data=True)
-            else:
-                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-                q = MatMulNBitsQuantizer(str(src), bits=4, block_size=scheme.block_size, is_symmetric=True,
-                                         accuracy_level=scheme.accuracy_level, op_types_to_quantize=("MatMul",))
-                q.process()
-                model = q.model.model
+            q = MatMulNBitsQuantizer(str(src), bits=scheme.bits, block_size=scheme.block_size, is_symmetric=True,
+                                     accuracy_level=scheme.accuracy_level, op_types_to_quantize=("MatMul",))
+            q.process()
+            model = q.model.model
     except ImportError as exc:
         raise ExportError(f"ONNX Runtime's quantizer needs {exc.name}, which is missing; reinstall dyvte "
                           "(`pip install -e .` pins it)") from None
