@@ -375,6 +375,8 @@ def export(settings: ExportSettings) -> Path:
             max_position = max_input + max_new - 1
             quantized = scheme if scheme is not None and part.kind in QUANTIZED_KINDS else None
             graph_part, graphs, errors = part, {}, {}
+            # one attention head trips the TorchScript exporter on GroupQueryAttention (peephole pass): plain only
+            fused_here = fused and part.kind == "segment" and part.module.spec.num_heads > 1
 
             def check(p, run, tolerance=None):
                 return validate(p, run, model, settings.dtype, gates, max_position=max_position,
@@ -385,7 +387,7 @@ def export(settings: ExportSettings) -> Path:
                 runner = (_torch_runner(part, path, aliases, unused, spec, config, settings.dtype)
                           if settings.dtype in TORCH_VALIDATED and settings.validate else _session_runner(path))
                 err = check(part, runner)
-                if fused and part.kind == "segment":  # the same weights, read from the plain graph's data file
+                if fused_here:  # the same weights, read from the plain graph's data file
                     fpart, fpath = fused_part(part), staging / "onnx" / f"{name}.fused.onnx"
                     with fused_attention(part.module):
                         written += _traced(fpart, fpath, settings.opset,
@@ -396,7 +398,7 @@ def export(settings: ExportSettings) -> Path:
             else:  # trace the float graph to a scratch folder, check it, quantize it into place
                 import tempfile
 
-                graph_part = fused_part(part) if fused and part.kind == "segment" else part
+                graph_part = fused_part(part) if fused_here else part
                 adapt = static_cache_runner if graph_part is not part else (lambda run: run)
                 with tempfile.TemporaryDirectory(dir=staging, prefix=".float-") as tmp:
                     src = Path(tmp) / path.name

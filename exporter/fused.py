@@ -91,7 +91,9 @@ def rope_flat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int)
     perm = torch.cat([torch.arange(half, hd), torch.arange(half)])  # rotate_half's order in one head
     index = (perm[None] + hd * torch.arange(heads)[:, None]).reshape(-1).to(x.device)  # [heads*hd]
     sign = torch.cat([-torch.ones(half), torch.ones(half)]).repeat(heads).to(x.device)  # [heads*hd]
-    cos_f, sin_f = cos[:, 0].repeat(1, 1, heads), sin[:, 0].repeat(1, 1, heads)  # [B,S,heads*hd]
+    cos_f, sin_f = cos[:, 0], sin[:, 0]  # [B,S,hd]
+    if heads > 1:  # (a no-op repeat trips the TorchScript exporter's peephole pass)
+        cos_f, sin_f = cos_f.repeat(1, 1, heads), sin_f.repeat(1, 1, heads)  # [B,S,heads*hd]
     x32 = x.float()
     return (x32 * cos_f + x32.index_select(-1, index) * (sin_f * sign)).to(x.dtype)
 

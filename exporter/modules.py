@@ -194,7 +194,8 @@ class Attention(nn.Module):
         from .fused import GroupQueryAttention, mask_value, rope_flat
 
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)  # [B,S,H*hd], [B,S,Hkv*hd] x2
+        qkv = self.qkv_proj(x)  # [B,S,(H+2Hkv)*hd]
+        q, k, v = qkv[..., : h * hd], qkv[..., h * hd: (h + hkv) * hd], qkv[..., (h + hkv) * hd:]
         q, k = rope_flat(q, cos, sin, h), rope_flat(k, cos, sin, hkv)
         bias = bias[:, 0]  # [B,1,S,T]
         if x.dtype != torch.float32:
@@ -204,7 +205,8 @@ class Attention(nn.Module):
         out = self.o_proj(out)
         if not last:
             return out, key, value
-        return out, probs[:, :, -1].float().mean(dim=1), key, value  # [B,T]: the last query's head mean
+        last_probs = probs[:, :, -1].float()  # [B,H,T]: the last query's
+        return out, (last_probs.mean(dim=1) if h > 1 else last_probs[:, 0]), key, value  # head mean [B,T]
 
     def attend_fused(self, q, key, value, allowed):
         """q [B,H,S,hd] over key/value [B,Hkv,T,hd] where allowed [B,S,T] (bool) -> [B,S,D].

@@ -247,17 +247,21 @@ def validate_quantized(engine_dir, model, scheme: str) -> dict:
             req = pipe.encode(image, QUANT_CHECK_TEXT[i % len(QUANT_CHECK_TEXT)], max_new_tokens=n_new)
             res = pipe.run([req], policy="never", return_logits=True)[0]
             ids = torch.as_tensor(req.input_ids)[None]
-            full = torch.cat([ids, torch.tensor([res.token_ids])], 1)
-            T, n = ids.shape[1], len(res.token_ids)
+            tokens = list(res.token_ids)
+            image_id = pipe.manifest.model["image_token_id"]
+            if image_id in tokens:  # HF would take a generated image token for a placeholder: stop after it
+                tokens = tokens[: tokens.index(image_id) + 1]
+            T, n = ids.shape[1], len(tokens)
+            full = torch.cat([ids, torch.tensor([tokens[:-1]], dtype=ids.dtype)], 1)
             vision = {"pixel_values": torch.as_tensor(req.pixel_values), **{k: torch.as_tensor(v) for k, v in req.extra.items()}}
             for k, v in vision.items():  # token-aligned processor outputs (mm_token_type_ids) cover the answer too
                 if k != "pixel_values" and v.dim() == 2 and v.shape == (1, T):
-                    vision[k] = torch.cat([v, v.new_zeros(1, n)], 1)
+                    vision[k] = torch.cat([v, v.new_zeros(1, n - 1)], 1)
             with torch.no_grad():
                 logits = model(input_ids=full, attention_mask=torch.ones_like(full), **vision).logits[0, T - 1: T - 1 + n]
             ref = logits.float()
-            ours = torch.as_tensor(np.asarray(res.logits)).float()
-            agree += int((ref.argmax(-1) == torch.tensor(res.token_ids)).sum())
+            ours = torch.as_tensor(np.asarray(res.logits)).float()[:n]
+            agree += int((ref.argmax(-1) == torch.tensor(tokens)).sum())
             total += n
             e = float((ours - ref).abs().max())
             err, rel = max(err, e), max(rel, e / max(float(ref.abs().max()), 1e-12))
