@@ -234,3 +234,49 @@ def test_manifest_records_the_graphs(llama):
     assert seg["info"].get("graph", "plain") == "plain" and "fused" in seg["graphs"]
     assert data["validation"]["segment_0"]["fused_max_abs_err"] < 1e-4
     assert data["quantization"] is None
+
+
+# -- TensorRT: ModelOpt Q/DQ graphs --------------------------------------------------------------------
+
+def test_modelopt_qdq_graphs_and_calibration(llama, tmp_path):
+    """The calibration inputs are each part's real prefill feeds (the plain graph runs on them), and
+    the ModelOpt command per part is the documented CLI; Q/DQ graphs are reused when unchanged."""
+    from types import SimpleNamespace
+
+    from conftest import copy_engine
+    from dyvte.engines.manifest import Manifest
+    from dyvte.engines.modelopt import qdq_graphs
+    from dyvte.runtime.backends.onnxruntime import create_session
+
+    m = Manifest.load(copy_engine(llama.engine_dir, tmp_path))
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = cmd[cmd.index("--output_path") + 1]
+        with open(out, "wb") as f:
+            f.write(b"qdq")
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    python = tmp_path / "python"
+    python.write_text("")
+    got = qdq_graphs(m, "int8", str(python), samples=3, run=fake_run)
+    wanted = {p.name for p in m.segments} | {"head"}
+    assert set(got) == wanted and len(calls) == len(wanted)
+    for cmd in calls:
+        assert cmd[:3] == [str(python), "-m", "modelopt.onnx.quantization"]
+        assert cmd[cmd.index("--quantize_mode") + 1] == "int8" and cmd[cmd.index("--high_precision_dtype") + 1] == "fp32"
+    for name in wanted:
+        calib = dict(np.load(m.root / "trt" / "qdq" / f"{name}.calib.npz"))
+        part = m.parts[name]
+        assert set(calib) == {i["name"] for i in part.inputs}
+        assert calib["hidden_states"].shape[0] == 3  # the calibration prompts, one batch
+        create_session(m.path(part.onnx)).run(None, calib)  # valid feeds of the plain graph
+    calls.clear()
+    assert qdq_graphs(m, "int8", str(python), samples=3, run=fake_run) == got and not calls  # resumed
+    qdq_graphs(m, "int4", str(python), run=fake_run)
+    assert all("--calibration_data_path" not in c and c[c.index("--calibration_method") + 1] == "rtn_dq" for c in calls)
+    with pytest.raises(BackendUnavailableError, match="setup.sh --modelopt"):
+        qdq_graphs(m, "fp8", str(tmp_path / "missing"), run=fake_run)
+    with pytest.raises(InputError, match="not one of"):
+        qdq_graphs(m, "int2", str(python), run=fake_run)
