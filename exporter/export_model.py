@@ -39,7 +39,7 @@ from dyvte.settings import (
 
 from . import hf
 from . import parts as P
-from .fused import FUSED, fused_attention, fused_part, save_sharing, static_cache_runner
+from .fused import FUSED, fused_attention, fused_part, save_sharing, static_cache_runner, unsupported
 from .modules import GateBank
 from .quantize import QUANTIZED_KINDS, make_scheme, quantize_graph
 from .validate import validate, validate_quantized
@@ -375,8 +375,10 @@ def export(settings: ExportSettings) -> Path:
             max_position = max_input + max_new - 1
             quantized = scheme if scheme is not None and part.kind in QUANTIZED_KINDS else None
             graph_part, graphs, errors = part, {}, {}
-            # one attention head trips the TorchScript exporter on GroupQueryAttention (peephole pass): plain only
-            fused_here = fused and part.kind == "segment" and part.module.spec.num_heads > 1
+            why_not = unsupported(part.module.spec) if fused and part.kind == "segment" else None
+            if why_not and settings.fused:
+                raise InputError(f"--fused: {why_not}; export with --no-fused")
+            fused_here = fused and part.kind == "segment" and why_not is None
 
             def check(p, run, tolerance=None):
                 return validate(p, run, model, settings.dtype, gates, max_position=max_position,

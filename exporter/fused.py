@@ -30,6 +30,15 @@ import torch
 FUSED = "fused"
 
 
+def unsupported(spec) -> str | None:
+    """Why a text decoder cannot have fused graphs (None: it can)."""
+    if spec.head_dim % 8:
+        return f"GroupQueryAttention needs a head size that is a multiple of 8 (this model: {spec.head_dim})"
+    if spec.num_heads < 2:
+        return "the TorchScript exporter fails on GroupQueryAttention with a single attention head"
+    return None
+
+
 def mask_value(dtype: torch.dtype) -> float:
     """The additive mask value of masked keys in a fused graph's ``attention_bias``: float32's
     lowest (as the plain graph), half of fp16/bf16's lowest so that adding a score cannot overflow."""

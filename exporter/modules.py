@@ -19,7 +19,9 @@ last layer, averaged over query heads, float32 (FastV's scores for a pruning sta
 end layer; 0 at masked keys).
 
 Attention is plain MatMul/Softmax (no If/Loop, no ONNX Attention op); the causal part of the
-mask is built inside from P = T - S; position math (RoPE frequencies, cos/sin and the rotation),
+mask is built inside from P = T - S. Traced under ``exporter.fused.fused_attention`` the same
+modules give ONNX Runtime's fused graphs (GroupQueryAttention with an in-place static cache:
+:meth:`Attention.forward_fused`). Projection weights are stored [in, out] (:class:`Linear`); position math (RoPE frequencies, cos/sin and the rotation),
 RMSNorm and softmax run in float32 whatever the activation dtype. The torch backend runs the
 same modules through ``forward_static`` (preallocated caches, fused attention).
 """

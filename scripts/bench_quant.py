@@ -50,13 +50,13 @@ with open("/proc/self/status") as f:
 """
 
 
-def export_once(model_dir: Path, out: Path, quantize=None, log=print):
+def export_once(model_dir: Path, out: Path, quantize=None, log=print, **options):
     from dyvte.exporter import ExportSettings, export
 
     if not (out / "manifest.json").is_file():
         log(f"exporting {out}")
         export(ExportSettings(out=out, model=str(model_dir), quantize=quantize, progress=True, max_input_len=1024,
-                              max_new_tokens=64, overwrite=True, log=log))
+                              max_new_tokens=64, overwrite=True, log=log, **(options if quantize else {})))
     return out
 
 
@@ -98,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=33, help="tokens per generate (decode = the ones after the 1st)")
+    ap.add_argument("--block-size", type=int, default=None, help="--quantize block size (default dyvte's)")
+    ap.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default dyvte's)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--demo-eval", action="store_true", help="also demo accuracy (never, gate) per scheme")
     ap.add_argument("--demo-samples", type=int, default=600)
@@ -118,7 +120,10 @@ def main(argv=None):
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.family = "llava"
     model_dir = build(args.workdir, args)
-    folders = {s: export_once(model_dir, args.workdir / f"engine-{s}", None if s == "float32" else s) for s in SCHEMES}
+    tag = "".join(f"-{k}{v}" for k, v in (("b", args.block_size), ("a", args.accuracy_level)) if v is not None)
+    folders = {s: export_once(model_dir, args.workdir / f"engine-{s}{tag if s != 'float32' else ''}",
+                              None if s == "float32" else s, block_size=args.block_size,
+                              accuracy_level=args.accuracy_level) for s in SCHEMES}
     pipes = {s: Pipeline.load(folders[s], backend="onnxruntime", verify=False) for s in SCHEMES}
     pipes["float32 plain"] = Pipeline.load(folders["float32"], backend="onnxruntime", graphs="plain", verify=False)
     L = args.layers

@@ -34,6 +34,8 @@ def test_segments_have_no_control_flow(llama):
     import onnx
 
     for f in (llama.engine_dir / "onnx").glob("segment_*.onnx"):
+        if f.name.endswith(".fused.onnx"):  # ONNX Runtime's graphs (tests/test_quantize.py); these are TensorRT's
+            continue
         ops = {n.op_type for n in onnx.load(f, load_external_data=False).graph.node}
         assert not ops & {"If", "Loop", "Scan", "Attention"}, f.name
         assert {"MatMul", "Softmax", "Concat"} <= ops
