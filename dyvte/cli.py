@@ -22,6 +22,9 @@ from .settings import (
     DEFAULT_MAX_NEW_TOKENS_RUN,
     DEFAULT_OPSET,
     DTYPES,
+    INT4_ACCURACY_LEVEL,
+    INT4_BLOCK_SIZE,
+    QUANTIZE_SCHEMES,
 )
 
 
@@ -56,7 +59,7 @@ def _int_list(ctx, param, value):
 def export_options(f):
     opts = [
         click.option("--model", "model", default=None,
-                     help="HF checkpoint (LLaVA-1.5, LLaVA-NeXT, InternVL3, Qwen2-VL, Qwen2.5-VL): local folder, "
+                     help="HF checkpoint (LLaVA-1.5, LLaVA-NeXT, InternVL3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): local folder, "
                           "HF-cache repo id, or "
                           "preset (see README). Default: the embedded demo model."),
         click.option("--out", "out", default=None, type=click.Path(path_type=Path),
@@ -82,6 +85,18 @@ def export_options(f):
                      help="Qwen-VL: largest image in pixels the vision graph takes (default: the processor's "
                           "max_pixels, lowered so that one image fits max-input-len); the saved processor resizes "
                           "to it."),
+        click.option("--quantize", type=click.Choice(QUANTIZE_SCHEMES), default=None,
+                     help="Quantize the weights of the decoder segments and the head with ONNX Runtime's quantizer "
+                          "(MatMulNBits: 8- or 4-bit symmetric blocks). Needs --dtype float32; runs on ONNX Runtime "
+                          "only (TensorRT: dyvte build --quantize)."),
+        click.option("--block-size", type=int, default=None,
+                     help=f"--quantize: weights per block (power of two >= 16; default {INT4_BLOCK_SIZE})."),
+        click.option("--accuracy-level", type=int, default=None,
+                     help=f"--quantize: MatMulNBits compute type, 0-4 (4 = int8 on the CPU; default "
+                          f"{INT4_ACCURACY_LEVEL})."),
+        click.option("--fused/--no-fused", default=None,
+                     help="Also write fused ONNX Runtime segment graphs (GroupQueryAttention, in-place KV cache) "
+                          "sharing the plain graphs' weights (default: on, except for bfloat16)."),
         click.option("--no-validate", is_flag=True, help="Skip checking each part against PyTorch."),
         click.option("--overwrite", is_flag=True, help="Replace an existing engine folder at --out."),
         click.option("--engines", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
@@ -93,10 +108,13 @@ def export_options(f):
 
 
 def _do_export(model, out, candidates, prune_layers, gates, opset, dtype, max_batch, max_input_len, max_new_tokens,
-               max_tiles, max_pixels, no_validate, overwrite, engines):
+               max_tiles, max_pixels, quantize, block_size, accuracy_level, fused, no_validate, overwrite, engines):
     from dyvte.exporter import ExportSettings, export
 
     if engines == "tensorrt":
+        if quantize:
+            raise click.UsageError("--quantize makes ONNX Runtime graphs; for quantized TensorRT plans export a float "
+                                   "folder and run `dyvte build --quantize int8|fp8|int4`")
         from dyvte.engines.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before exporting, not after
@@ -106,7 +124,8 @@ def _do_export(model, out, candidates, prune_layers, gates, opset, dtype, max_ba
     path = export(ExportSettings(
         out=out, model=model, candidates=candidates, prune_layers=prune_layers, gates=gates, opset=opset, dtype=dtype,
         max_batch=max_batch, max_input_len=max_input_len, max_new_tokens=max_new_tokens, max_tiles=max_tiles,
-        max_pixels=max_pixels, validate=not no_validate, overwrite=overwrite, progress=True, log=log,
+        max_pixels=max_pixels, quantize=quantize, block_size=block_size, accuracy_level=accuracy_level, fused=fused,
+        validate=not no_validate, overwrite=overwrite, progress=True, log=log,
     ))
     if engines == "tensorrt":
         from dyvte.engines.tensorrt import BuildSettings, build_engines
@@ -210,11 +229,21 @@ def lint_cmd(engine_dir, trt_version, as_json):
 @click.option("--max-input-len", type=int, default=None, help="Longest prompt (default: the folder's limit).")
 @click.option("--max-new-tokens", type=int, default=None, help="Most generated tokens (default: the folder's limit).")
 @click.option("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit.")
-def build_cmd(engine_dir, max_batch, max_input_len, max_new_tokens, workspace_gib):
+@click.option("--quantize", type=click.Choice(["int8", "fp8", "int4"]), default=None,
+              help="Quantized plans of the segments and the head from NVIDIA ModelOpt's Q/DQ graphs "
+                   "(int8/fp8 calibrated on --calibration-data, int4 weight-only); needs scripts/setup.sh --modelopt.")
+@click.option("--modelopt-python", default=None, help="Python of ModelOpt's environment (default .venv/modelopt).")
+@click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
+              help="LLaVA-format JSON of calibration prompts (default: synthetic scenes).")
+@click.option("--calibration-samples", type=int, default=16, show_default=True)
+@click.option("--image-root", type=click.Path(path_type=Path), default=None)
+def build_cmd(engine_dir, max_batch, max_input_len, max_new_tokens, workspace_gib, quantize, modelopt_python,
+              calibration_data, calibration_samples, image_root):
     """Build TensorRT plans for an engine folder (resumable; needs TensorRT and an NVIDIA GPU)."""
     from dyvte.engines.tensorrt import BuildSettings, build_engines
 
     report = build_engines(BuildSettings(engine_dir, max_batch, max_input_len, max_new_tokens, workspace_gib,
+                                         quantize, modelopt_python, calibration_data, calibration_samples, image_root,
                                          log=lambda m: click.echo(m, err=True)))
     click.echo(json.dumps(report, indent=2))
 

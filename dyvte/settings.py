@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 #: Engine-folder format written by this version (``manifest.json`` field ``schema_version``).
-SCHEMA_VERSION = 2  # 2: float32 RoPE frequencies in fp16/bf16 graphs, TensorRT plans named by key
+SCHEMA_VERSION = 3  # 2: float32 RoPE frequencies in fp16/bf16 graphs, TensorRT plans named by key;
+#                      3: projection weights stored [in, out] (the layout MatMul consumes), fused ONNX Runtime
+#                         segment graphs, quantized weights (``quantization``)
 MANIFEST_NAME = "manifest.json"
 
 #: ONNX opset of exported graphs. 17 is the newest opset the TorchScript exporter and every
@@ -15,6 +17,22 @@ MIN_OPSET, MAX_OPSET = 14, 20
 #: validation against the PyTorch model is tightest for.
 DEFAULT_DTYPE = "float32"
 DTYPES = ("float32", "float16", "bfloat16")
+
+#: Weight quantization of the decoder segments and the head (``dyvte-export --quantize``), with ONNX
+#: Runtime's own quantizer (``MatMulNBits``, exporter/quantize.py): 8- or 4-bit symmetric weight
+#: blocks. Both need ``--dtype float32``; vision, embeddings and gate stay float.
+QUANTIZE_SCHEMES = ("int8", "int4")
+#: Defaults of both schemes (README "Fused and quantized engines" has the measurement): 32-weight
+#: blocks, accuracy level 4 (ONNX Runtime's CPU kernel quantizes activation rows to int8 per block).
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4
+#: Validation of quantized parts against the float PyTorch model, per scheme:
+#: |ours - torch| <= atol + rtol * max|torch| (quantization error, not a bug, fills most of it).
+QUANT_TOLERANCES = {"int8": (5e-2, 1.5e-1), "int4": (1e-1, 4e-1)}
+#: End-to-end check of a quantized folder after export: greedy tokens of the quantized pipeline vs
+#: the float model (teacher-forced) on this many synthetic prompts of this many new tokens.
+QUANT_CHECK_PROMPTS = 3
+QUANT_CHECK_TOKENS = 8
 
 #: Candidate exit layers: every ``L // CANDIDATE_DIVISOR`` layers (7 candidates for L = 32:
 #: 4, 8, ..., 28). See README "Choosing candidates" for the measurement behind this default.
@@ -35,6 +53,7 @@ TOLERANCES = {
     "float32": (1e-4, 1e-4),
     "float16": (2e-2, 2e-2),
     "bfloat16": (1e-1, 5e-2),
+    **QUANT_TOLERANCES,
 }
 
 #: torch backend: pooled KV caches (and the CUDA graphs captured on them) are bucketed by

@@ -206,7 +206,12 @@ def lint_folder(manifest, trt_version: str = "10", limits: Limits | None = None)
         raise InputError(f"--trt-version must be one of {', '.join(support_table()['versions'])}")
     limits = limits or Limits.from_manifest(manifest)
     report = LintReport(trt_version)
-    for part in manifest.parts.values():
+    q = manifest.data.get("quantization")
+    if q:  # ONNX Runtime's MatMulNBits graphs; TensorRT quantizes float folders itself
+        report.add("error", "folder", f"{q['name']} weights in ONNX Runtime's quantized ops are not a TensorRT input; "
+                                      "for TensorRT, export a float folder and run `dyvte build --quantize`")
+        return report
+    for part in manifest.parts.values():  # the plain graphs (fused ones are ONNX Runtime's, not linted)
         model = onnx.load(manifest.path(part.onnx), load_external_data=False)
         lint_part(report, part, model, trt_version)
         _check_io(report, part, model, manifest, limits)

@@ -29,10 +29,12 @@ class PartInfo:
     outputs: list[dict]
     info: dict
     aliases: dict  # module parameter name -> initializer name (deduplicated by the exporter)
+    graphs: dict = None  # other graphs of the same part sharing its weights: {"fused": {onnx, inputs, outputs}}
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> "PartInfo":
-        return cls(name, d["kind"], d["onnx"], d["inputs"], d["outputs"], d.get("info", {}), d.get("aliases", {}))
+        return cls(name, d["kind"], d["onnx"], d["inputs"], d["outputs"], d.get("info", {}), d.get("aliases", {}),
+                   d.get("graphs") or {})
 
     def to_dict(self) -> dict:
         return {
@@ -42,7 +44,29 @@ class PartInfo:
             "outputs": self.outputs,
             "info": self.info,
             "aliases": self.aliases,
+            **({"graphs": self.graphs} if self.graphs else {}),
         }
+
+    @property
+    def graph(self) -> str:
+        """What ``onnx`` holds: ``plain`` (MatMul/Softmax attention, the TensorRT input) or ``fused``
+        (ONNX Runtime contrib ops, in-place static KV cache: exporter/fused.py)."""
+        return self.info.get("graph", "plain")
+
+    @property
+    def quantized(self) -> str | None:
+        """The weight quantization scheme of this part's graph (``int8``, ``int4``) or None."""
+        return self.info.get("quantized")
+
+    def variant(self, graph: str) -> "PartInfo | None":
+        """This part as its ``graph`` form (``plain`` or ``fused``), or None if the folder lacks it."""
+        if graph == self.graph:
+            return self
+        g = (self.graphs or {}).get(graph)
+        if g is None:
+            return None
+        return PartInfo(self.name, self.kind, g["onnx"], g["inputs"], g["outputs"], {**self.info, "graph": graph},
+                        self.aliases)
 
     @property
     def layers(self) -> tuple[int, int]:
@@ -92,6 +116,11 @@ class Manifest:
     @property
     def dtype(self) -> str:
         return self.data["dtype"]
+
+    @property
+    def quantization(self) -> dict | None:
+        """The folder's weight quantization (scheme, options, tool) or None for float weights."""
+        return self.data.get("quantization")
 
     @property
     def segments(self) -> list[PartInfo]:
@@ -185,6 +214,7 @@ class Manifest:
             f"family         {m['family']} ({m['model_type']})",
             f"vision         {m['vision_model_type']}, {_family(m).describe(m['vision'])}",
             f"dtype / opset  {self.dtype} / {self.data['opset']}",
+            f"weights        {_describe_weights(self)}",
             f"candidates     {self.candidates}",
             f"prune layers   {self.prune_layers or 'none'} (segment boundaries where fastv:K:R may act: "
             f"{self.boundaries})",
@@ -198,12 +228,29 @@ class Manifest:
         sizes = {rel: meta["size"] for rel, meta in self.data["files"].items()}
         for name, part in self.parts.items():
             size = sum(s for rel, s in sizes.items() if rel.startswith(part.onnx))
+            size += sum(s for rel, s in sizes.items() if any(rel == g["onnx"] for g in part.graphs.values()))
             extra = f" layers [{part.info['layers'][0]}, {part.info['layers'][1]})" if part.kind == "segment" else ""
             err = self.data.get("validation", {}).get(name, {}).get("max_abs_err")
             val = f"  max|err| vs torch {err:.2e}" if err is not None else ""
-            lines.append(f"  {name:<11} {part.kind:<8}{extra:<18} {size / 1e6:9.2f} MB{val}")
+            graphs = "+".join([part.graph, *part.graphs]) + (f" {part.quantized}" if part.quantized else "")
+            lines.append(f"  {name:<11} {part.kind:<8}{extra:<18} {size / 1e6:9.2f} MB  {graphs:<12}{val}")
+        check = self.data.get("validation", {}).get("quantized")
+        if check:
+            lines.append(f"quantized vs float  greedy-token agreement {check['greedy_agreement']:.3f} on "
+                         f"{check['tokens']} tokens, logit max|err| {check['logit_max_abs_err']:.3g} "
+                         f"(relative {check['logit_rel_err']:.3g})")
         lines.append("versions       " + ", ".join(f"{k} {v}" for k, v in self.data["versions"].items()))
         return "\n".join(lines)
+
+
+def _describe_weights(manifest) -> str:
+    """One line on the folder's weights: float, or the quantization scheme and where it applies."""
+    q = manifest.quantization
+    if not q:
+        return f"{manifest.dtype} (not quantized)"
+    how = f"{q['name']}, MatMulNBits block {q['block_size']}, accuracy level {q['accuracy_level']}, symmetric"
+    where = {"segment": "the decoder segments", "head": "the head"}
+    return f"{how} in {' and '.join(where.get(p, p) for p in q['parts'])}; vision, embed and gate {manifest.dtype}"
 
 
 def _family(model: dict):

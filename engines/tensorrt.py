@@ -53,6 +53,11 @@ class BuildSettings:
     max_input_len: int | None = None
     max_new_tokens: int | None = None
     workspace_gib: float | None = None
+    quantize: str | None = None  # int8 | fp8 | int4: Q/DQ graphs from NVIDIA ModelOpt (engines/modelopt.py)
+    modelopt_python: str | None = None  # the Python of ModelOpt's environment (default .venv/modelopt/bin/python)
+    calibration_data: Path | None = None  # LLaVA-format JSON (default: synthetic scenes)
+    calibration_samples: int = 16
+    image_root: Path | None = None
     progress: bool = True
     log: object = field(default=None, repr=False)
 
@@ -67,8 +72,11 @@ def _device() -> str:
     return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
 
 
-def _key(manifest: Manifest, part, profiles: dict, version: str, device: str) -> str:
+def _key(manifest: Manifest, part, profiles: dict, version: str, device: str, source: Path | None = None) -> str:
     files = {rel: meta["sha256"] for rel, meta in manifest.data["files"].items() if rel.startswith(part.onnx)}
+    if source is not None:  # a Q/DQ graph: its own bytes decide the plan
+        files = {source.name: sha256_file(source), **{p.name: sha256_file(p) for p in source.parent.glob(
+            source.name + "*.data")}}
     blob = json.dumps([files, profiles, version, device], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -92,7 +100,7 @@ def _timing_cache(config, path: Path, log):
 
 
 def _record_engines(manifest: Manifest, results: dict, trt_version: str, device: str, limits: Limits,
-                    complete: bool) -> None:
+                    complete: bool, quantize: str | None = None) -> None:
     """Write the plans built so far into the manifest (entries and checksums), atomically."""
     from dyvte.settings import MANIFEST_NAME
 
@@ -102,7 +110,8 @@ def _record_engines(manifest: Manifest, results: dict, trt_version: str, device:
         data["files"].pop(rec["plan"], None)
     data.setdefault("engines", {})["tensorrt"] = {
         "version": trt_version, "device": device, "limits": dict(limits.__dict__), "complete": complete,
-        "parts": {n: {k: r[k] for k in ("plan", "profiles", "device_memory")} for n, r in results.items()}}
+        "parts": {n: {k: r[k] for k in ("plan", "profiles", "device_memory")} for n, r in results.items()},
+        "quantize": quantize}
     for r in results.values():
         data["files"][r["plan"]] = {"size": r["size"], "sha256": r["sha256"]}
     write_json(manifest.root / MANIFEST_NAME, data)
@@ -124,7 +133,17 @@ def build_engines(settings: BuildSettings) -> dict:
     if not report.ok:
         raise EngineFolderError("TensorRT lint failed: " + "; ".join(str(f) for f in report.errors[:3])
                                 + " (run `dyvte lint` for the full report)")
-    if manifest.dtype == "float32":
+    if manifest.quantization:
+        raise EngineFolderError(f"{manifest.root} holds ONNX Runtime-quantized graphs (dyvte-export --quantize), which "
+                                "TensorRT cannot parse; build a float folder with `dyvte build --quantize int8|fp8|int4`")
+    qdq = {}
+    if settings.quantize:
+        from .modelopt import qdq_graphs
+
+        python = settings.modelopt_python or str(Path(".venv/modelopt/bin/python").absolute())
+        qdq = qdq_graphs(manifest, settings.quantize, python, settings.calibration_samples,
+                         settings.calibration_data, settings.image_root, log)
+    elif manifest.dtype == "float32":
         log("note: float32 graphs give float32 engines; export with --dtype float16 or bfloat16 for speed")
     root = manifest.root
     plan_dir = root / PLAN_DIR
@@ -143,7 +162,8 @@ def build_engines(settings: BuildSettings) -> dict:
     bar = tqdm(total=len(manifest.parts), desc="tensorrt", unit="engine", disable=not settings.progress)
     for name, part in manifest.parts.items():
         profiles = part_profiles(manifest, part, limits)
-        key = _key(manifest, part, profiles, trt.__version__, device)
+        source = manifest.path(qdq[name]) if name in qdq else None
+        key = _key(manifest, part, profiles, trt.__version__, device, source)
         plan = plan_dir / f"{name}-{key}.plan"
         rec = state["parts"].get(name)
         if rec and rec["key"] == key and plan.is_file() and sha256_file(plan) == rec["sha256"]:
@@ -154,7 +174,7 @@ def build_engines(settings: BuildSettings) -> dict:
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(manifest.path(part.onnx))):
+        if not parser.parse_from_file(str(source or manifest.path(part.onnx))):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ExportError(f"TensorRT cannot parse {part.onnx}: {errs[:500]}")
         config = builder.create_builder_config()
@@ -184,10 +204,10 @@ def build_engines(settings: BuildSettings) -> dict:
         state["parts"][name] = rec
         write_json(state_path, state)
         results[name] = rec
-        _record_engines(manifest, results, trt.__version__, device, limits, complete=False)  # loadable after each plan
+        _record_engines(manifest, results, trt.__version__, device, limits, complete=False, quantize=settings.quantize)  # loadable after each plan
         bar.update(1)
     bar.close()
-    _record_engines(manifest, results, trt.__version__, device, limits, complete=True)
+    _record_engines(manifest, results, trt.__version__, device, limits, complete=True, quantize=settings.quantize)
     keep = {Path(r["plan"]).name for r in results.values()}
     for stale in plan_dir.glob("*.plan"):  # earlier builds' plans, now referenced by nothing
         if stale.name not in keep:

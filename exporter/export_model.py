@@ -9,6 +9,7 @@ rest.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -38,8 +39,10 @@ from dyvte.settings import (
 
 from . import hf
 from . import parts as P
+from .fused import FUSED, fused_attention, fused_part, save_sharing, static_cache_runner, unsupported
 from .modules import GateBank
-from .validate import validate
+from .quantize import QUANTIZED_KINDS, make_scheme, quantize_graph
+from .validate import validate, validate_quantized
 
 STATE_NAME = "export-state.json"
 VISION_EXTRAS = "vision_extras.safetensors"
@@ -61,6 +64,10 @@ class ExportSettings:
     max_new_tokens: int | None = None  # None: min(512, max_position_embeddings // 4)
     max_tiles: int | None = None  # most image tiles per prompt; None: the family's default
     max_pixels: int | None = None  # dynamic-resolution families (Qwen-VL): largest image in pixels
+    quantize: str | None = None  # int8 | int4: weights of the segments and the head (needs dtype float32)
+    block_size: int | None = None  # int4 block (default settings.INT4_BLOCK_SIZE)
+    accuracy_level: int | None = None  # int4 MatMulNBits accuracy level (default settings.INT4_ACCURACY_LEVEL)
+    fused: bool | None = None  # fused ONNX Runtime segment graphs (None: yes, except for bfloat16)
     validate: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -179,7 +186,7 @@ def _aliases(module, onnx_model) -> tuple[dict, list]:
     return aliases, unused
 
 
-def _export_onnx(part, path: Path, opset: int):
+def _export_onnx(part, path: Path, opset: int, save=None):
     """Trace ``part.module`` to ONNX (TorchScript exporter) and save it with external data.
 
     Returns the written files and the parameter aliases (see :func:`_aliases`).
@@ -203,11 +210,12 @@ def _export_onnx(part, path: Path, opset: int):
                 dynamic_axes=part.dynamic_axes(),
                 opset_version=opset,
                 do_constant_folding=False,  # keeps initializers named like the module's parameters
+                custom_opsets={"com.microsoft": 1} if part.info.get("graph") == FUSED else None,
             )
         model = onnx.load(str(raw), load_external_data=True)
     model.producer_name, model.producer_version = "dyvte", __version__
     aliases, unused = _aliases(part.module, model)
-    return save_onnx(model, path), aliases, unused
+    return (save or save_onnx)(model, path), aliases, unused
 
 
 #: Export dtypes whose graphs ONNX Runtime's CPU provider cannot run: their parts are validated by
@@ -253,6 +261,20 @@ def _torch_runner(part, path: Path, aliases: dict, unused, spec, config, dtype: 
     return run
 
 
+def _traced(part, path: Path, opset: int, save=None):
+    """:func:`_export_onnx` with export failures as one-line :class:`ExportError`."""
+    try:
+        return _export_onnx(part, path, opset, save)
+    except DyvteError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"exporting {part.name} to ONNX failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+#: Export dtypes ONNX Runtime's CPU provider runs (fused graphs are validated there).
+ORT_CPU_DTYPES = ("float32", "float16")
+
+
 def export(settings: ExportSettings) -> Path:
     """Export a VLM checkpoint to an engine folder; returns the folder path."""
     from tqdm.auto import tqdm
@@ -269,6 +291,11 @@ def export(settings: ExportSettings) -> Path:
         value = getattr(settings, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    scheme = make_scheme(settings.quantize, settings.dtype, settings.block_size, settings.accuracy_level)
+    fused = settings.fused if settings.fused is not None else settings.dtype in ORT_CPU_DTYPES
+    if fused and settings.dtype not in ORT_CPU_DTYPES:
+        raise InputError(f"fused graphs are validated on ONNX Runtime's CPU provider, which has no {settings.dtype} "
+                         "kernels; export --dtype float16 for fused GPU graphs, or pass --no-fused")
     _check_out(out, settings.overwrite)
 
     from dyvte.families import family_for_config
@@ -315,7 +342,13 @@ def export(settings: ExportSettings) -> Path:
     if gates:
         plan.append(("gate", tuple(candidates)))
     plan.append(("head", ()))
-    keys = {name: _digest(base, name, extra, gates_digest if name == "gate" else None) for name, extra in plan}
+    def variant(name):  # what else decides a part's files: fused graphs, quantization
+        quantized = scheme.to_dict() if scheme and (name == "head" or name.startswith("segment_")) else None
+        return (fused and name.startswith("segment_"), quantized and {k: quantized[k] for k in
+                                                                      ("name", "block_size", "accuracy_level")})
+
+    keys = {name: _digest(base, name, extra, gates_digest if name == "gate" else None, variant(name))
+            for name, extra in plan}
     records = {name: state.done(name, keys[name], staging) for name, _ in plan}
     pending = [name for name, _ in plan if records[name] is None]
     if len(pending) < len(plan):
@@ -351,30 +384,67 @@ def export(settings: ExportSettings) -> Path:
                 index = int(name.split("_")[1])
                 part = P.segment_part(index, hf.segment_from_hf(model, spec, *extra, tdt), settings.dtype)
             path = staging / "onnx" / f"{name}.onnx"
-            try:
-                written, aliases, unused = _export_onnx(part, path, settings.opset)
-            except DyvteError:
-                raise
-            except Exception as exc:
-                raise ExportError(f"exporting {name} to ONNX failed: {str(exc).splitlines()[0][:300]}") from exc
-            err = None
-            if settings.validate:
+            max_position = max_input + max_new - 1
+            quantized = scheme if scheme is not None and part.kind in QUANTIZED_KINDS else None
+            graph_part, graphs, errors = part, {}, {}
+            why_not = unsupported(part.module.spec) if fused and part.kind == "segment" else None
+            if why_not and settings.fused:
+                raise InputError(f"--fused: {why_not}; export with --no-fused")
+            fused_here = fused and part.kind == "segment" and why_not is None
+
+            def check(p, run, tolerance=None):
+                return validate(p, run, model, settings.dtype, gates, max_position=max_position,
+                                vision_meta=vision_meta, tolerance=tolerance) if settings.validate else None
+
+            if quantized is None:
+                written, aliases, unused = _traced(part, path, settings.opset)
                 runner = (_torch_runner(part, path, aliases, unused, spec, config, settings.dtype)
-                          if settings.dtype in TORCH_VALIDATED else _session_runner(path))
-                err = validate(part, runner, model, settings.dtype, gates, max_position=max_input + max_new - 1,
-                               vision_meta=vision_meta)
+                          if settings.dtype in TORCH_VALIDATED and settings.validate else _session_runner(path))
+                err = check(part, runner)
+                if fused_here:  # the same weights, read from the plain graph's data file
+                    fpart, fpath = fused_part(part), staging / "onnx" / f"{name}.fused.onnx"
+                    with fused_attention(part.module):
+                        written += _traced(fpart, fpath, settings.opset,
+                                           save=lambda m, p: save_sharing(m, p, path))[0]
+                    errors["fused"] = check(part, static_cache_runner(_session_runner(fpath)))
+                    graphs[FUSED] = {"onnx": f"onnx/{fpath.name}", "inputs": [t.to_dict() for t in fpart.inputs],
+                                     "outputs": [t.to_dict() for t in fpart.outputs]}
+            else:  # trace the float graph to a scratch folder, check it, quantize it into place
+                import tempfile
+
+                graph_part = fused_part(part) if fused_here else part
+                adapt = static_cache_runner if graph_part is not part else (lambda run: run)
+                with tempfile.TemporaryDirectory(dir=staging, prefix=".float-") as tmp:
+                    src = Path(tmp) / path.name
+                    with fused_attention(part.module) if graph_part is not part else contextlib.nullcontext():
+                        _, aliases, unused = _traced(graph_part, src, settings.opset)
+                    errors["float"] = check(part, adapt(_session_runner(src)))
+                    try:
+                        written = quantize_graph(src, path, quantized)
+                    except DyvteError:
+                        raise
+                    except Exception as exc:
+                        raise ExportError(f"quantizing {name} ({quantized.name}) failed: "
+                                          f"{str(exc).splitlines()[0][:300]}") from exc
+                err = check(part, adapt(_session_runner(path)), tolerance=quantized.name)
+                aliases, unused = {}, []  # quantized weights are no module parameters
+            info = {**graph_part.info, **({"unused": unused} if unused else {})}
+            if quantized is not None:
+                info["quantized"] = quantized.name
             rec = {
                 "key": keys[name],
                 "files": _file_meta(staging, written),
                 "part": {
                     "kind": part.kind,
                     "onnx": f"onnx/{name}.onnx",
-                    "inputs": [t.to_dict() for t in part.inputs],
-                    "outputs": [t.to_dict() for t in part.outputs],
-                    "info": {**part.info, **({"unused": unused} if unused else {})},
+                    "inputs": [t.to_dict() for t in graph_part.inputs],
+                    "outputs": [t.to_dict() for t in graph_part.outputs],
+                    "info": info,
                     "aliases": aliases,
+                    **({"graphs": graphs} if graphs else {}),
                 },
                 "max_abs_err": err,
+                "errors": errors,
             }
             if name == "vision":
                 rec["vision"] = vision_meta
@@ -406,7 +476,7 @@ def export(settings: ExportSettings) -> Path:
         shutil.copyfile(gates_path, gates_file)
     else:
         gates_file.unlink(missing_ok=True)
-    wanted = {f"onnx/{name}.onnx" for name, _ in plan} | {f"onnx/{name}.onnx.data" for name, _ in plan}
+    wanted = {f"onnx/{name}{ext}" for name, _ in plan for ext in (".onnx", ".onnx.data", ".fused.onnx")}
     for p in (staging / "onnx").iterdir():  # parts of an earlier, different plan
         if f"onnx/{p.name}" not in wanted:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -419,6 +489,7 @@ def export(settings: ExportSettings) -> Path:
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": settings.dtype,
+        "quantization": scheme.to_dict() if scheme else None,
         "opset": settings.opset,
         "model": {
             "source": str(settings.model) if settings.model else "dyvte demo model (embedded)",
@@ -446,19 +517,34 @@ def export(settings: ExportSettings) -> Path:
         "gates": {"file": "gates.safetensors", "layers": candidates} if gates else None,
         "processor": "processor",
         "hf_config": "hf_config.json",
-        "validation": {name: {"max_abs_err": records[name]["max_abs_err"]} for name, _ in plan},
+        "validation": {name: {"max_abs_err": records[name]["max_abs_err"],
+                              **{f"{k}_max_abs_err": v for k, v in records[name].get("errors", {}).items()}}
+                       for name, _ in plan},
         "versions": _versions(settings.opset),
     }
     files = [p for p in staging.rglob("*") if p.is_file() and p.name not in (STATE_NAME, MANIFEST_NAME)]
     manifest["files"] = _file_meta(staging, sorted(files))
     write_json(staging / MANIFEST_NAME, manifest)
-    from dyvte.engines.lint import lint_folder
+    if scheme is None:
+        from dyvte.engines.lint import lint_folder
 
-    report = lint_folder(Manifest.load(staging, verify=False))  # the manifest must parse; TensorRT lint
-    for finding in report.findings:
-        log(f"TensorRT lint: {finding}")
-    manifest["lint"] = {"tensorrt": report.trt_version, "errors": len(report.errors),
-                        "warnings": len(report.findings) - len(report.errors)}
+        report = lint_folder(Manifest.load(staging, verify=False))  # the manifest must parse; TensorRT lint
+        for finding in report.findings:
+            log(f"TensorRT lint: {finding}")
+        manifest["lint"] = {"tensorrt": report.trt_version, "errors": len(report.errors),
+                            "warnings": len(report.findings) - len(report.errors)}
+    else:
+        Manifest.load(staging, verify=False)  # the manifest must parse
+        manifest["lint"] = {"tensorrt": None, "skipped": "quantized ONNX Runtime graphs (TensorRT quantizes a float "
+                                                         "folder itself: dyvte build --quantize)"}
+        if settings.validate:  # the whole folder against the float model: logits and greedy tokens
+            if model is None:
+                model = load_model(model_dir, "float32")
+            check = validate_quantized(staging, model, scheme.name)
+            manifest["validation"]["quantized"] = check
+            log(f"{scheme.name} vs the float model on {check['prompts']} prompts: greedy-token agreement "
+                f"{check['greedy_agreement']:.3f}, logit max|err| {check['logit_max_abs_err']:.3g} "
+                f"(relative {check['logit_rel_err']:.3g})")
     write_json(staging / MANIFEST_NAME, manifest)
     (staging / STATE_NAME).unlink(missing_ok=True)
     _swap_into_place(staging, out)

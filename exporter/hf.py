@@ -7,7 +7,7 @@ import torch
 
 from dyvte.errors import UnsupportedModelError
 
-from .modules import DecoderSegment, Embed, Head, TextSpec, layer_state_from_hf
+from .modules import DecoderSegment, Embed, Head, TextSpec, layer_state_from_hf, linear_state_from_hf
 
 _LAYER_PARTS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -160,5 +160,5 @@ def embed_from_hf(model, spec: TextSpec, dtype: torch.dtype) -> Embed:
 def head_from_hf(model, spec: TextSpec, dtype: torch.dtype) -> Head:
     head = Head(spec)
     head.norm.load_state_dict(text_model(model).norm.state_dict())
-    head.lm_head.load_state_dict(family_of(model).lm_head(model).state_dict())
+    head.lm_head.load_state_dict(linear_state_from_hf(family_of(model).lm_head(model).state_dict()))
     return head.to(dtype).eval()

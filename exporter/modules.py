@@ -19,8 +19,10 @@ last layer, averaged over query heads, float32 (FastV's scores for a pruning sta
 end layer; 0 at masked keys).
 
 Attention is plain MatMul/Softmax (no If/Loop, no ONNX Attention op); the causal part of the
-mask is built inside from P = T - S; position math (RoPE frequencies, cos/sin and the rotation),
-RMSNorm and softmax run in float32 whatever the activation dtype. The torch backend runs the
+mask is built inside from P = T - S. Traced under ``exporter.fused.fused_attention`` the same
+modules give ONNX Runtime's fused graphs (GroupQueryAttention with an in-place static cache:
+:meth:`Attention.forward_fused`). Projection weights are stored [in, out] (:class:`Linear`).
+Position math (RoPE frequencies, cos/sin and the rotation), RMSNorm and softmax run in float32 whatever the activation dtype. The torch backend runs the
 same modules through ``forward_static`` (preallocated caches, fused attention).
 
 One decoder implementation serves every family; :class:`TextSpec` switches what differs: q/k
@@ -117,6 +119,32 @@ def segment_extra_inputs(spec: TextSpec, start: int, end: int) -> list[str]:
     return names
 
 
+class Linear(nn.Module):
+    """y = x @ weight + bias with ``weight`` [in, out]: the layout ONNX MatMul consumes, so exported
+    graphs feed each weight initializer straight into its MatMul (no Transpose on the weight path,
+    which ONNX Runtime's quantizers need). Hugging Face's ``nn.Linear`` weight is ``weight.T``
+    (:func:`linear_state_from_hf`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)  # [..., in] @ [in, out]
+        return y if self.bias is None else y + self.bias
+
+
+def linear_state_from_hf(state: dict, prefix: str = "") -> dict:
+    """An ``nn.Linear`` state dict ({prefix}weight [out, in], bias) in :class:`Linear`'s layout."""
+    out = dict(state)
+    w = prefix + "weight"
+    if w in out:
+        out[w] = out[w].t().contiguous()
+    return out
+
+
 class RMSNorm(nn.Module):
     """Llama RMSNorm, computed in float32 (as Hugging Face does)."""
 
@@ -171,13 +199,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    fused = False  # trace :meth:`forward_fused` instead of :meth:`forward` (exporter.fused.fused_attention)
+
     def __init__(self, spec: TextSpec):
         super().__init__()
         d, h, hkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
         self.scaling = hd**-0.5
-        self.qkv_proj = nn.Linear(d, (h + 2 * hkv) * hd, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+        self.qkv_proj = Linear(d, (h + 2 * hkv) * hd, bias=spec.qkv_bias)
+        self.o_proj = Linear(h * hd, d, bias=spec.o_bias)
 
     def project(self, x, cos, sin):
         """x [B,S,D] -> rotated q [B,H,S,hd], rotated k and v [B,Hkv,S,hd]."""
@@ -220,11 +250,39 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, bias, past_key, past_value, last: bool = False):
         # x: [B,S,D]; cos/sin: [B,1,S,hd]; bias: [B,1,1,S,T] float32; past: [B,Hkv,P,hd]
+        if self.fused:
+            return self.forward_fused(x, cos, sin, bias, past_key, past_value, last)
         q, k, v = self.project(x, cos, sin)
         key = torch.cat([past_key, k], dim=2)  # [B,Hkv,T,hd]
         value = torch.cat([past_value, v], dim=2)
         out = self.attend(q, key, value, bias, last)
         return (*out, key, value) if last else (out, key, value)
+
+    def forward_fused(self, x, cos, sin, bias, cache_key, cache_value, last: bool = False):
+        """:meth:`forward` as ONNX Runtime's GroupQueryAttention with an in-place static cache
+        (exporter/fused.py): cache_key/cache_value [B,Hkv,C,hd] (C >= T) hold the T - S cached
+        tokens, the S new ones are written at T-S..T-1 and the buffers are returned as present."""
+        from .fused import GroupQueryAttention, mask_value, rope_flat
+
+        h, hkv = self.num_heads, self.num_kv_heads
+        q, k, v = self.project_flat(x, cos, sin, rope_flat)
+        bias = bias[:, 0]  # [B,1,S,T]
+        if x.dtype != torch.float32:
+            bias = torch.where(bias < 0, mask_value(x.dtype), 0.0).to(x.dtype)
+        out, key, value, probs = GroupQueryAttention.apply(q, k, v, cache_key, cache_value, bias, h, hkv,
+                                                           self.scaling)
+        out = self.o_proj(out)
+        if not last:
+            return out, key, value
+        last_probs = probs[:, :, -1].float()  # [B,H,T]: the last query's
+        return out, (last_probs.mean(dim=1) if h > 1 else last_probs[:, 0]), key, value  # head mean [B,T]
+
+    def project_flat(self, x, cos, sin, rope_flat):
+        """x [B,S,D] -> rotated q [B,S,H*hd], rotated k and v [B,S,Hkv*hd] (the fused op's layout)."""
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [B,S,(H+2Hkv)*hd]
+        q, k, v = qkv[..., : h * hd], qkv[..., h * hd: (h + hkv) * hd], qkv[..., (h + hkv) * hd:]
+        return rope_flat(q, cos, sin, h), rope_flat(k, cos, sin, hkv), v
 
     def attend_fused(self, q, key, value, allowed):
         """q [B,H,S,hd] over key/value [B,Hkv,T,hd] where allowed [B,S,T] (bool) -> [B,S,D].
@@ -273,13 +331,18 @@ class QKNormAttention(Attention):
         v = v.reshape(B, S, hkv, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def project_flat(self, x, cos, sin, rope_flat):
+        """:meth:`project` in the fused op's [B,S,heads*hd] layout (the norms come first)."""
+        B, S = x.shape[0], x.shape[1]
+        return tuple(t.transpose(1, 2).reshape(B, S, -1) for t in self.project(x, cos, sin))
+
 
 class MLP(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
         d, m = spec.hidden_size, spec.intermediate_size
-        self.gate_up_proj = nn.Linear(d, 2 * m, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(m, d, bias=spec.mlp_bias)
+        self.gate_up_proj = Linear(d, 2 * m, bias=spec.mlp_bias)
+        self.down_proj = Linear(m, d, bias=spec.mlp_bias)
         self.act_fn = _act(spec.hidden_act)
 
     def forward(self, x):
@@ -288,7 +351,8 @@ class MLP(nn.Module):
 
 
 def layer_state_from_hf(state: dict) -> dict:
-    """A Hugging Face decoder layer's state dict in this module's layout (fused projections)."""
+    """A Hugging Face decoder layer's state dict in this module's layout (fused projections,
+    :class:`Linear` weights [in, out])."""
     out = dict(state)
     for kind in ("weight", "bias"):
         qkv = [out.pop(f"self_attn.{p}_proj.{kind}", None) for p in "qkv"]
@@ -297,6 +361,8 @@ def layer_state_from_hf(state: dict) -> dict:
         gu = [out.pop(f"mlp.{p}_proj.{kind}", None) for p in ("gate", "up")]
         if gu[0] is not None:
             out[f"mlp.gate_up_proj.{kind}"] = torch.cat(gu, dim=0)
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        out = linear_state_from_hf(out, name + ".")
     return out
 
 
@@ -567,7 +633,7 @@ class Head(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
         self.norm = make_norm(spec, spec.hidden_size)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
     def forward(self, hidden_states):
         return self.lm_head(self.norm(hidden_states)).float()

@@ -17,8 +17,9 @@ from dyvte.settings import TOLERANCES
 from . import hf
 
 
-def compare(part: str, output: str, ours, ref, dtype: str, keep=None) -> float:
-    """Max abs error of ``ours`` vs ``ref`` (rows where ``keep`` is true); raises when too large."""
+def compare(part: str, output: str, ours, ref, dtype: str, keep=None, tolerance: str | None = None) -> float:
+    """Max abs error of ``ours`` vs ``ref`` (rows where ``keep`` is true); raises when too large.
+    ``tolerance``: the :data:`TOLERANCES` key when not ``dtype`` (a quantization scheme)."""
     ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()
     if ours.shape != ref.shape:
         raise ValidationError(f"{part}: output {output} has shape {tuple(ours.shape)}, PyTorch gives {tuple(ref.shape)}")
@@ -27,13 +28,14 @@ def compare(part: str, output: str, ours, ref, dtype: str, keep=None) -> float:
     if not torch.isfinite(ours).all():
         raise ValidationError(f"{part}: output {output} has NaN/inf where PyTorch is finite; re-export in float32")
     err = float((ours - ref).abs().max()) if ours.numel() else 0.0
-    atol, rtol = TOLERANCES[dtype]
+    key = tolerance or dtype
+    atol, rtol = TOLERANCES[key]
     tol = atol + rtol * float(ref.abs().max() if ref.numel() else 0.0)
     if err > tol:
-        raise ValidationError(
-            f"{part}: output {output} differs from PyTorch by {err:.3g} (tolerance {tol:.3g} for {dtype}); "
-            "the exported graph is wrong for this model: please report it with the model config"
-        )
+        fix = ("the exported graph is wrong for this model: please report it with the model config" if key == dtype else
+               f"{key} quantization loses too much on this model: export without --quantize or with --quantize int8")
+        raise ValidationError(f"{part}: output {output} differs from PyTorch by {err:.3g} (tolerance {tol:.3g} for "
+                              f"{key}); {fix}")
     return err
 
 
@@ -169,7 +171,7 @@ def _position_rows(pos, spec, top: int):
     return torch.stack([pos, pos.flip(-1), (pos * 7) % (top + 1)])
 
 
-def validate_segment(part, session_run, model, dtype: str, max_position: int) -> float:
+def validate_segment(part, session_run, model, dtype: str, max_position: int, tolerance: str | None = None) -> float:
     start, end = part.info["layers"]
     spec = part.module.spec
     lm = hf.text_model(model)
@@ -207,14 +209,14 @@ def validate_segment(part, session_run, model, dtype: str, max_position: int) ->
                                               groups, None if deepstack is None else deepstack.float())
         name = f"{part.name} ({case})"
         rows = mask[:, -hidden.shape[1]:].bool()
-        worst = max(worst, compare(name, "hidden_states_out", outs["hidden_states_out"], ref_h, dtype, rows))
+        worst = max(worst, compare(name, "hidden_states_out", outs["hidden_states_out"], ref_h, dtype, rows, tolerance))
         keys = mask.bool()
         if "attention_last" in outs:
-            worst = max(worst, compare(name, "attention_last", outs["attention_last"], ref_last, dtype, keys))
+            worst = max(worst, compare(name, "attention_last", outs["attention_last"], ref_last, dtype, keys, tolerance))
         for i in range(start, end):
             for kind, ref in zip(("key", "value"), present[i]):
                 ours = outs[f"present.{i}.{kind}"].transpose(1, 2)  # [B,T,Hkv,hd]: the mask selects positions
-                worst = max(worst, compare(name, f"present.{i}.{kind}", ours, ref.transpose(1, 2), dtype, keys))
+                worst = max(worst, compare(name, f"present.{i}.{kind}", ours, ref.transpose(1, 2), dtype, keys, tolerance))
     return worst
 
 
@@ -233,15 +235,16 @@ def gate_reference(gates: dict, layer: int, hidden, text_mask):
 
 
 def validate(part, session_run, model, dtype: str, gates: dict | None = None, max_position: int = 2047,
-             vision_meta: dict | None = None) -> float:
+             vision_meta: dict | None = None, tolerance: str | None = None) -> float:
     """Run the exported graph (``session_run(feeds) -> list of tensors``) against PyTorch;
     decoder segments also at ``max_position``, the largest position the folder allows; the vision
-    part on the family's cases (``vision_meta``: its facts and limits)."""
+    part on the family's cases (``vision_meta``: its facts and limits). ``tolerance``: the
+    :data:`TOLERANCES` key of a quantized graph (its scheme) instead of ``dtype``."""
     tdt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         if part.kind == "segment":
-            return validate_segment(part, session_run, model, dtype, max_position)
+            return validate_segment(part, session_run, model, dtype, max_position, tolerance)
         if part.kind == "embed":
             ids = torch.randint(0, part.module.embed_tokens.num_embeddings, (2, 7), generator=g)
             ref = hf.text_model(model).embed_tokens(ids)
@@ -249,7 +252,8 @@ def validate(part, session_run, model, dtype: str, gates: dict | None = None, ma
         if part.kind == "head":
             hidden = torch.randn(2, 3, part.module.lm_head.in_features, generator=g).to(tdt)
             ref = _f32(model.lm_head)(_f32(hf.text_model(model).norm)(hidden.float()))
-            return compare(part.name, "logits", session_run({"hidden_states": hidden})[0], ref, dtype)
+            return compare(part.name, "logits", session_run({"hidden_states": hidden})[0], ref, dtype,
+                           tolerance=tolerance)
         if part.kind == "vision":
             family = hf.family_of(model)
             worst = 0.0
@@ -268,3 +272,54 @@ def validate(part, session_run, model, dtype: str, gates: dict | None = None, ma
                 worst = max(worst, compare(f"gate (layer {layer})", "probs", ours, ref, "float32"))
             return worst
     raise ValueError(part.kind)
+
+
+#: Prompts of the end-to-end check of a quantized folder (any tokenizer encodes them).
+QUANT_CHECK_TEXT = ("what color is the circle ?", "how many red squares are there in the picture ?",
+                    "is there a blue triangle on the left ?")
+
+
+def validate_quantized(engine_dir, model, scheme: str) -> dict:
+    """A quantized folder against the float Hugging Face model, end to end: greedy decoding with
+    policy never on synthetic prompts (random images), and HF's float logits teacher-forced on the
+    same tokens. Returns the logit error (max abs, and relative to the largest float logit) and
+    the greedy-token agreement (share of generated positions where the float model's argmax is the
+    quantized folder's token)."""
+    import numpy as np
+
+    from dyvte.runtime import Pipeline
+    from dyvte.settings import QUANT_CHECK_PROMPTS, QUANT_CHECK_TOKENS
+
+    from PIL import Image
+
+    agree = total = 0
+    err = rel = 0.0
+    with Pipeline.load(engine_dir, backend="onnxruntime", verify=False) as pipe:
+        n_new = min(QUANT_CHECK_TOKENS, pipe.manifest.limits["max_new_tokens"])
+        for i in range(QUANT_CHECK_PROMPTS):
+            image = Image.fromarray((np.random.RandomState(i).rand(96, 96, 3) * 255).astype("uint8"))
+            req = pipe.encode(image, QUANT_CHECK_TEXT[i % len(QUANT_CHECK_TEXT)], max_new_tokens=n_new)
+            res = pipe.run([req], policy="never", return_logits=True)[0]
+            ids = torch.as_tensor(req.input_ids)[None]
+            tokens = list(res.token_ids)
+            image_id = pipe.manifest.model["image_token_id"]
+            if image_id in tokens:  # HF would take a generated image token for a placeholder: stop after it
+                tokens = tokens[: tokens.index(image_id) + 1]
+            T, n = ids.shape[1], len(tokens)
+            full = torch.cat([ids, torch.tensor([tokens[:-1]], dtype=ids.dtype)], 1)
+            vision = {"pixel_values": torch.as_tensor(req.pixel_values), **{k: torch.as_tensor(v) for k, v in req.extra.items()}}
+            for k, v in vision.items():  # token-aligned processor outputs (mm_token_type_ids) cover the answer too
+                if k != "pixel_values" and v.dim() == 2 and v.shape == (1, T):
+                    vision[k] = torch.cat([v, v.new_zeros(1, n - 1)], 1)
+            with torch.no_grad():
+                logits = model(input_ids=full, attention_mask=torch.ones_like(full), **vision).logits[0, T - 1: T - 1 + n]
+            ref = logits.float()
+            ours = torch.as_tensor(np.asarray(res.logits)).float()[:n]
+            agree += int((ref.argmax(-1) == torch.tensor(tokens)).sum())
+            total += n
+            e = float((ours - ref).abs().max())
+            err, rel = max(err, e), max(rel, e / max(float(ref.abs().max()), 1e-12))
+    if total == 0 or not np.isfinite(err):
+        raise ValidationError(f"the {scheme} folder gives NaN/inf logits; export without --quantize")
+    return {"scheme": scheme, "prompts": QUANT_CHECK_PROMPTS, "tokens": total, "greedy_agreement": agree / total,
+            "logit_max_abs_err": err, "logit_rel_err": rel}

@@ -5,6 +5,10 @@
 # --triton also makes .venv/triton/: the environment Triton's python backend runs dyvte in
 # (dyvte's pins with numpy 1.26, which the backend's stub needs; README "Serving") and the
 # tritonserver of the nvidia-pytriton wheel, for tests/test_triton.py.
+# --gpu: onnxruntime-gpu instead of onnxruntime (the two ship the same module and must not stay
+# installed together; pip cannot swap a dependency from an extra, so both are removed and the GPU
+# package reinstalled alone). --modelopt: also .venv/modelopt, NVIDIA ModelOpt's own environment for
+# `dyvte build --quantize` (nvidia-modelopt[onnx] pins onnx/onnxruntime-gpu versions dyvte's conflict with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +18,20 @@ torch_args=()
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0 "${torch_args[@]}"
 .venv/bin/python -m pip install -q -e ".[test]"
-if [ "${1:-}" = "--triton" ]; then
+for arg in "$@"; do
+  case "$arg" in
+    --gpu)
+      .venv/bin/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+      .venv/bin/python -m pip install -q --no-deps onnxruntime-gpu==1.31.1
+      .venv/bin/python -m pip install -q flatbuffers packaging protobuf ;;
+    --modelopt)
+      [ -x .venv/modelopt/bin/python ] || "$PY" -m venv .venv/modelopt
+      .venv/modelopt/bin/python -m pip install -q --upgrade pip
+      .venv/modelopt/bin/python -m pip install -q torch==2.13.0 "${torch_args[@]}"
+      .venv/modelopt/bin/python -m pip install -q "nvidia-modelopt[onnx]==0.47.0" ;;
+  esac
+done
+if [[ " $* " == *" --triton "* ]]; then
   [ -x .venv/triton/bin/python ] || "$PY" -m venv .venv/triton
   .venv/triton/bin/python -m pip install -q --upgrade pip
   .venv/triton/bin/python -m pip install -q torch==2.13.0 "${torch_args[@]}"

@@ -2,7 +2,7 @@
 
 Backends register here by name; ``auto`` picks the fastest one available: TensorRT when the
 folder has finished plans and TensorRT and a GPU are present, else torch on CUDA (or on the CPU
-for bfloat16 folders), else ONNX Runtime.
+for bfloat16 folders), else ONNX Runtime; quantized folders always run on ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def create_runner(name: str, manifest, **options):
 
     chosen = name
     if name == "auto":
-        if features.has_tensorrt() and features.has_cuda() and "tensorrt" in features.built_engines(manifest):
+        if manifest.quantization:  # ONNX Runtime's quantized ops: only ONNX Runtime runs them
+            chosen = "onnxruntime"
+        elif features.has_tensorrt() and features.has_cuda() and "tensorrt" in features.built_engines(manifest):
             chosen = "tensorrt"
         elif features.has_cuda() or manifest.dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16
             chosen = "torch"

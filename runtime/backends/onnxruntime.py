@@ -1,4 +1,12 @@
-"""ONNX Runtime backend: one InferenceSession per part, CPU by default."""
+"""ONNX Runtime backend: one InferenceSession per part, on the CPU or (onnxruntime-gpu) CUDA.
+
+Decoder segments run through I/O binding on torch tensors of the runner's device, so hidden
+states and KV caches stay where they are (host memory, or the GPU). A folder's fused segment
+graphs (exporter/fused.py: GroupQueryAttention with an in-place static cache) are preferred where
+they exist: one cache buffer per layer of ``capacity`` slots is bound as both past and present, so
+a decode step copies no cache. Plain graphs (MatMul/Softmax attention) return each present as a
+new tensor [B,Hkv,P+S,hd], as TensorRT's input graphs do.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 
 from dyvte.engines.manifest import Manifest
-from dyvte.errors import BackendUnavailableError, EngineFolderError
+from dyvte.errors import BackendUnavailableError, EngineFolderError, InputError
 
 from .base import KVCache, Runner
 
@@ -59,16 +67,43 @@ def _use_global_thread_pool(threads: int | None) -> bool:
         return bool(_GLOBAL_POOL) and threads in (None, _GLOBAL_POOL)
 
 
-def create_session(path, providers=None, threads: int | None = None):
-    """An ORT session with full graph optimisation; clear errors for broken files."""
+def installed_packages() -> list[str]:
+    """The ONNX Runtime distributions installed (``onnxruntime``, ``onnxruntime-gpu``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            version(dist)
+            found.append(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def import_onnxruntime():
+    """The onnxruntime module, or a one-line error naming the fix."""
+    packages = installed_packages()
+    if len(packages) > 1:
+        raise BackendUnavailableError(
+            "both onnxruntime and onnxruntime-gpu are installed; they ship the same module and overwrite each other: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu==1.31.1 (GPU) or "
+            "onnxruntime==1.31.1 (CPU); scripts/setup.sh --gpu does this")
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed; `pip install onnxruntime`") from None
+        raise BackendUnavailableError("onnxruntime is not installed; `pip install onnxruntime==1.31.1` "
+                                      "(or onnxruntime-gpu for CUDA)") from None
+    return ort
+
+
+def create_session(path, providers=None, threads: int | None = None):
+    """An ORT session with full graph optimisation; clear errors for broken files."""
+    ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    cpu_only = not providers or all(p == "CPUExecutionProvider" for p in providers)
+    cpu_only = not providers or all(_provider_name(p) == "CPUExecutionProvider" for p in providers)
     if cpu_only and _use_shared_arena():
         opts.add_session_config_entry("session.use_env_allocators", "1")
     if _use_global_thread_pool(threads):
@@ -84,40 +119,152 @@ def create_session(path, providers=None, threads: int | None = None):
         raise EngineFolderError(f"ONNX Runtime cannot load {path}: {msg}; re-export the folder") from None
 
 
+def _provider_name(p) -> str:
+    return p[0] if isinstance(p, (tuple, list)) else p
+
+
+CUDA_EP = "CUDAExecutionProvider"
+
+
+def resolve_device(device: str | None):
+    """The torch device the runner works on: ``cpu``, or ``cuda[:N]`` where onnxruntime-gpu, a
+    CUDA-enabled torch and a GPU are present (None: CUDA when all are, else the CPU). One-line
+    errors name what is missing when CUDA is asked for."""
+    import torch
+
+    ort = import_onnxruntime()
+    want = torch.device(device) if device else None
+    if want is not None and want.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"the onnxruntime backend runs on cpu or cuda[:N], not {device}")
+    if want is not None and want.type == "cpu":
+        return want
+    gpu_package = CUDA_EP in ort.get_available_providers()  # listed by onnxruntime-gpu even without a GPU
+    problem = None
+    if not gpu_package:
+        problem = ("this ONNX Runtime is the CPU package (onnxruntime); for CUDA: pip uninstall -y onnxruntime && "
+                   "pip install onnxruntime-gpu==1.31.1 (scripts/setup.sh --gpu)")
+    elif not torch.cuda.is_available():
+        problem = ("no CUDA GPU is visible to torch (the onnxruntime backend keeps tensors and KV caches in torch "
+                   "CUDA tensors: a GPU and a CUDA build of torch are needed)")
+    elif want is not None and want.index is not None and want.index >= torch.cuda.device_count():
+        problem = f"device {want} does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible"
+    if problem:
+        if want is None:
+            return torch.device("cpu")
+        raise BackendUnavailableError(f"onnxruntime on {device}: {problem}")
+    return torch.device("cuda", want.index if want is not None and want.index is not None else 0)
+
+
 @dataclass
 class OrtCache(KVCache):
-    tensors: list = field(default_factory=list)  # past.{i}.key/value, [B,Hkv,P,hd] each
+    """A segment's caches: ``kv`` [(key, value)] per layer, torch tensors on the runner's device.
+    Plain graphs: exactly the ``length`` cached tokens, [B,Hkv,P,hd], replaced by each call's
+    presents. Fused graphs (``static``): buffers [B,Hkv,capacity,hd] holding the tokens in slots
+    0..length-1, written in place."""
+
+    kv: list = field(default_factory=list)
     length: int = 0
     batch: int = 0
+    static: bool = False
+
+    @property
+    def capacity(self) -> int:
+        return self.kv[0][0].shape[2] if self.kv else 0
+
+
+def _np_dtype(t):
+    import numpy as np
+    import torch
+
+    types = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+             torch.bool: np.bool_}
+    if t.dtype not in types:
+        raise BackendUnavailableError(f"onnxruntime backend: tensors of {t.dtype} cannot be bound")
+    return types[t.dtype]
 
 
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, providers=None, threads: int | None = None):
+    def __init__(self, manifest: Manifest, providers=None, threads: int | None = None, device: str | None = None,
+                 graphs: str = "auto"):
+        """``device``: ``cpu``, ``cuda[:N]`` (onnxruntime-gpu) or None (CUDA when usable, else the
+        CPU); ``providers`` overrides the execution providers outright (CPU tensors). ``graphs``:
+        which segment graphs to run, ``fused`` (the folder's fused graphs), ``plain`` or ``auto``
+        (fused where the folder has them and they suit the device)."""
         import torch
 
         super().__init__(manifest)
-        on_cpu = not providers or all(p == "CPUExecutionProvider" for p in providers)
-        if manifest.dtype == "bfloat16" and on_cpu:
+        if graphs not in ("auto", "fused", "plain"):
+            raise InputError(f"graphs must be auto, fused or plain, not {graphs!r}")
+        self.device = torch.device("cpu") if providers else resolve_device(device)
+        on_cuda = self.device.type == "cuda"
+        if providers is None:
+            providers = ([(CUDA_EP, {"device_id": self.device.index}), "CPUExecutionProvider"] if on_cuda
+                         else ["CPUExecutionProvider"])
+        if manifest.dtype == "bfloat16":
             raise BackendUnavailableError(
                 f"{manifest.root} holds bfloat16 graphs, which ONNX Runtime's CPU provider cannot run (no bf16 "
                 "kernels); use backend='torch' (CPU or CUDA) or 'tensorrt', or re-export with --dtype float16/float32"
             )
-        self.device = torch.device("cpu")
         self.dtype = getattr(torch, manifest.dtype)
-        self.sessions = {
-            name: create_session(manifest.path(part.onnx), providers, threads) for name, part in manifest.parts.items()
-        }
+        self.graphs = graphs
+        self.parts = {}
+        for name, part in manifest.parts.items():
+            chosen = part
+            if part.kind == "segment":
+                fused = part.variant("fused")
+                # CUDA's GroupQueryAttention takes fp16/bf16 only: float32 fused graphs would run it on the CPU
+                prefer = graphs == "fused" or graphs == "auto" and not (on_cuda and manifest.dtype == "float32")
+                chosen = (fused if prefer else part.variant("plain")) or part
+                if graphs != "auto" and chosen.graph != graphs:
+                    raise EngineFolderError(f"{manifest.root} has no {graphs} graph for {name} (it has "
+                                            f"{chosen.graph}); re-export it{' without --no-fused' if graphs == 'fused' else ''}")
+            self.parts[name] = chosen
+        self.sessions = {}
+        for name, part in self.parts.items():
+            self.sessions[name] = create_session(manifest.path(part.onnx), providers, threads)
+            if on_cuda and len(self.sessions) == 1 and self.sessions[name].get_providers()[0] != CUDA_EP:
+                raise BackendUnavailableError(
+                    f"onnxruntime-gpu could not start its CUDA provider on {self.device} (CUDA 12/13 or cuDNN 9 "
+                    "libraries missing, or the driver too old); run with device='cpu'")
         self._segment_names = [p.name for p in manifest.segments]
-        self._past_names = [[i["name"] for i in p.inputs if i["name"].startswith("past.")] for p in manifest.segments]
+        self._segments = [self.parts[n] for n in self._segment_names]
+        self._past_names = [[i["name"] for i in p.inputs if i["name"].startswith("past.")] for p in self._segments]
         self._output_names = {name: [o.name for o in sess.get_outputs()] for name, sess in self.sessions.items()}
 
+    @property
+    def segment_graphs(self) -> list[str]:
+        """The graph kind each segment runs (``plain`` or ``fused``)."""
+        return [p.graph for p in self._segments]
+
     def _run(self, part: str, feeds: dict) -> list:
+        """A part on host arrays (vision, embed, gate, head: small tensors, once per step at most)."""
         import torch
 
-        arrays = {k: v.detach().contiguous().numpy() for k, v in feeds.items()}
-        return [torch.from_numpy(o) for o in self.sessions[part].run(None, arrays)]
+        arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
+        outs = [torch.from_numpy(o) for o in self.sessions[part].run(None, arrays)]
+        return outs if self.device.type == "cpu" else [o.to(self.device) for o in outs]
+
+    def _run_bound(self, part: str, inputs: dict, outputs: dict) -> None:
+        """Run ``part`` with every input and output bound to torch tensors on the device (I/O
+        binding; an output may be an input's own buffer: in-place caches)."""
+        import torch
+
+        sess = self.sessions[part]
+        io = sess.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        keep = []
+        for name, t in inputs.items():
+            t = t.detach().to(self.device).contiguous()
+            keep.append(t)
+            io.bind_input(name, kind, index, _np_dtype(t), tuple(t.shape), t.data_ptr())
+        for name, t in outputs.items():
+            io.bind_output(name, kind, index, _np_dtype(t), tuple(t.shape), t.data_ptr())
+        if kind == "cuda":
+            torch.cuda.synchronize(self.device)  # inputs written by torch's stream; ORT waits for its own
+        sess.run_with_iobinding(io)
+        del keep
 
     def vision(self, inputs):
         feeds = {k: v.float() if v.is_floating_point() else v for k, v in self.vision_feeds(inputs).items()}
@@ -130,40 +277,106 @@ class OnnxRuntimeRunner(Runner):
         import torch
 
         t = self.manifest.text
-        empty = torch.zeros(batch, t["num_kv_heads"], 0, t["head_dim"], dtype=self.dtype)
-        return OrtCache([empty] * len(self._past_names[segment]), 0, batch)
+        static = self._segments[segment].graph == "fused"
+        shape = (batch, t["num_kv_heads"], capacity if static else 0, t["head_dim"])
+        kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+               torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(len(self._past_names[segment]) // 2)]
+        return OrtCache(kv, 0, batch, static)
 
     def segment(self, index, hidden, position_ids, attention_mask, cache, mode, extra=None, scores=False):
+        import torch
+
         name = self._segment_names[index]
-        feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
-        feeds.update(extra or {})
-        feeds.update(zip(self._past_names[index], cache.tensors))
-        outs = dict(zip(self._output_names[name], self._run(name, feeds)))
-        cache.tensors = [outs["present" + n[len("past"):]] for n in self._past_names[index]]
-        cache.length += hidden.shape[1]
+        B, S = hidden.shape[0], hidden.shape[1]
+        P, T = cache.length, cache.length + S
+        if cache.static and T > cache.capacity:
+            raise InputError(f"KV cache of segment {index} holds {cache.capacity} tokens; {T} requested")
+        if cache.static and P > 0 and S > 1 and B > 1:  # GQA takes a cached batch one new token at a time
+            return self._segment_by_row(index, hidden, position_ids, attention_mask, cache, mode, extra, scores)
+        inputs = {"hidden_states": hidden.to(self.dtype), "position_ids": position_ids, "attention_mask": attention_mask}
+        inputs.update(extra or {})
+        t = self.manifest.text
+        out = torch.empty(B, S, hidden.shape[2], dtype=self.dtype, device=self.device)
+        outputs = {"hidden_states_out": out}
+        names = self._output_names[name]
+        last = torch.empty(B, T, dtype=torch.float32, device=self.device) if "attention_last" in names else None
+        if last is not None:
+            outputs["attention_last"] = last
+        present = []
+        for i, (k, v) in enumerate(cache.kv):
+            pk, pv = self._past_names[index][2 * i: 2 * i + 2]
+            inputs[pk], inputs[pv] = k, v
+            if cache.static:  # written in place
+                present.append((k, v))
+            else:
+                shape = (B, t["num_kv_heads"], T, t["head_dim"])
+                present.append((torch.empty(shape, dtype=self.dtype, device=self.device),
+                                torch.empty(shape, dtype=self.dtype, device=self.device)))
+            outputs["present" + pk[len("past"):]], outputs["present" + pv[len("past"):]] = present[-1]
+        self._run_bound(name, inputs, outputs)
+        cache.kv = present
+        cache.length = T
         if not scores:
-            return outs["hidden_states_out"]
-        if "attention_last" not in outs:
+            return out
+        if last is None:
             raise EngineFolderError(f"{name} returns no FastV scores (attention_last): the last segment has none, "
                                     "and folders exported before dyvte 0.2 lack them; re-export the folder")
-        return outs["hidden_states_out"], outs["attention_last"]
+        return out, last
+
+    def _segment_by_row(self, index, hidden, position_ids, attention_mask, cache, mode, extra, scores):
+        """:meth:`segment` one row at a time, on each row's slice of the static caches."""
+        import torch
+
+        outs = []
+        for b in range(hidden.shape[0]):
+            row = OrtCache([(k[b: b + 1], v[b: b + 1]) for k, v in cache.kv], cache.length, 1, True)
+            pos = position_ids[:, b: b + 1] if position_ids.dim() == 3 else position_ids[b: b + 1]
+            outs.append(self.segment(index, hidden[b: b + 1], pos, attention_mask[b: b + 1], row, mode,
+                                     {k: v[b: b + 1] for k, v in (extra or {}).items()}, scores))
+        cache.length += hidden.shape[1]
+        if not scores:
+            return torch.cat(outs)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def cache_take(self, cache, rows, start):
-        return OrtCache([t[rows][:, :, start:] for t in cache.tensors], cache.length - start, len(rows))
+        import torch
+
+        rows = rows.to(self.device)
+        P = cache.length - start
+        if not cache.static:
+            return OrtCache([(k[rows][:, :, start:], v[rows][:, :, start:]) for k, v in cache.kv], P, len(rows))
+        C = max(cache.capacity - start, P + 1)
+        kv = []
+        for k, v in cache.kv:
+            k2 = torch.zeros(len(rows), k.shape[1], C, k.shape[3], dtype=k.dtype, device=k.device)
+            v2 = torch.zeros_like(k2)
+            k2[:, :, :P], v2[:, :, :P] = k[rows, :, start: cache.length], v[rows, :, start: cache.length]
+            kv.append((k2, v2))
+        return OrtCache(kv, P, len(rows), True)
 
     def cache_join(self, caches, capacity):
         import torch
 
         P = max(c.length for c in caches)
-
-        def pad(t, n):  # [B,Hkv,n',hd] -> [B,Hkv,n,hd], zeros on the left
-            return t if t.shape[2] == n else torch.cat([t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3]), t], 2)
-
-        tensors = [torch.cat([pad(c.tensors[i], P) for c in caches]) for i in range(len(caches[0].tensors))]
-        return OrtCache(tensors, P, sum(c.batch for c in caches))
+        B = sum(c.batch for c in caches)
+        static = caches[0].static
+        C = max(capacity, P + 1) if static else P
+        kv = []
+        for i in range(len(caches[0].kv)):
+            pair = []
+            for j in (0, 1):
+                ref = caches[0].kv[i][j]
+                out = torch.zeros(B, ref.shape[1], C, ref.shape[3], dtype=ref.dtype, device=ref.device)
+                at = 0
+                for c in caches:  # right-aligned at P: columns [P - length, P), zeros (masked) before
+                    out[at: at + c.batch, :, P - c.length: P] = c.kv[i][j][:, :, :c.length]
+                    at += c.batch
+                pair.append(out)
+            kv.append(tuple(pair))
+        return OrtCache(kv, P, B, static)
 
     def cache_nbytes(self, cache):
-        return sum(t.nbytes for t in cache.tensors)
+        return sum(k.nbytes + v.nbytes for k, v in cache.kv)
 
     def gate(self, hidden, text_mask, gate_index):
         import torch
@@ -173,6 +386,12 @@ class OnnxRuntimeRunner(Runner):
 
     def head(self, hidden):
         return self._run("head", {"hidden_states": hidden})[0]
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
 
     def close(self):
         self.sessions.clear()

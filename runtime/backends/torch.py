@@ -196,6 +196,10 @@ class TorchRunner(Runner):
         from dyvte.exporter.modules import TextSpec
 
         super().__init__(manifest)
+        if manifest.quantization and not random_weights:
+            raise BackendUnavailableError(
+                f"{manifest.root} holds {manifest.quantization['name']} weights in ONNX Runtime's quantized ops, which "
+                "the torch backend does not run; use backend='onnxruntime', or export without --quantize for torch")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
